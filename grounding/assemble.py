@@ -1,0 +1,91 @@
+"""Parsed model-frame objects -> a Result in the displayed image's frame."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from grounding.classes import ClassMap
+from grounding.dialects import Dialect, get_dialect
+from grounding.geometry import (
+    Size,
+    box_area,
+    clip_box,
+    order_box,
+    point_inside,
+    rescale_box,
+    rescale_point,
+    scale_factors,
+)
+from grounding.parsing import ParsedOutput
+from grounding.result import Box, Point, Result
+
+
+def build_result(
+    parsed: ParsedOutput,
+    dialect: str | Dialect,
+    *,
+    image_size: Size | None = None,
+    input_size: Size | None = None,
+    classes: ClassMap | Iterable[str] | Mapping[str, str] | None = None,
+    raw: str = "",
+    model: str | None = None,
+    image: str | None = None,
+    truncated: bool = False,
+) -> Result:
+    """Rescale, clip and class-match. Without ``image_size`` coordinates stay in the
+    model's frame (only corner order is normalised) and nothing is clipped."""
+    d = get_dialect(dialect)
+    class_map = classes if isinstance(classes, ClassMap) or classes is None else ClassMap(classes)
+    dropped = {"no_area": 0, "outside": 0, "invalid": parsed.invalid}
+    if image_size is not None:
+        sx, sy = scale_factors(d, input_size, image_size)
+    boxes: list[Box] = []
+    points: list[Point] = []
+    for obj in parsed.objects:
+        class_id = class_map.match(obj.label) if class_map is not None else None
+        if obj.kind == "box":
+            if image_size is None:
+                bbox = order_box(obj.coords)
+            else:
+                bbox = clip_box(rescale_box(obj.coords, sx, sy), image_size)
+                if box_area(bbox) <= 0.0:
+                    dropped["no_area"] += 1
+                    continue
+            boxes.append(Box(bbox, obj.label, class_id, None, dict(obj.attributes), obj.coords))
+        else:
+            if image_size is None:
+                xy = (obj.coords[0], obj.coords[1])
+            else:
+                xy = rescale_point(obj.coords, sx, sy)
+                if not point_inside(xy, image_size):
+                    dropped["outside"] += 1
+                    continue
+            points.append(Point(xy, obj.label, class_id, None, dict(obj.attributes), obj.coords))
+    return Result(
+        boxes=boxes,
+        points=points,
+        image=image,
+        width=None if image_size is None else image_size[0],
+        height=None if image_size is None else image_size[1],
+        model=model,
+        dialect=d.name,
+        input_size=input_size,
+        raw=raw,
+        truncated=truncated or parsed.truncated,
+        dropped={k: v for k, v in dropped.items() if v},
+    )
+
+
+def result_from_text(
+    text: str,
+    dialect: str | Dialect,
+    *,
+    image_size: Size | None = None,
+    input_size: Size | None = None,
+    classes: ClassMap | Iterable[str] | Mapping[str, str] | None = None,
+    **kwargs,
+) -> Result:
+    """Parse a model answer and map it onto the image in one call."""
+    d = get_dialect(dialect)
+    return build_result(d.parse(text), d, image_size=image_size, input_size=input_size,
+                        classes=classes, raw=text, **kwargs)

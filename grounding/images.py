@@ -1,0 +1,137 @@
+"""Read any image the way a person sees it: EXIF orientation applied, RGB, 8 bits.
+
+Every later step (model frame, boxes, overlays, exports) works in this displayed frame,
+so a box lands on the object whatever rotation flag, mode or bit depth the file carries.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import warnings
+from os import PathLike
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from grounding.errors import ImageLoadError
+
+ImageSource = str | PathLike | bytes | Image.Image | np.ndarray
+
+DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
+"""Above this many pixels (PIL's own bomb limit, about 13,400 x 13,400) a file is refused
+as a likely decompression bomb; pass ``max_image_pixels`` to allow more."""
+
+_pil_limit_lock = threading.Lock()
+
+
+def describe(source: ImageSource) -> str:
+    """How an input is named in errors and records."""
+    if isinstance(source, str | PathLike):
+        return str(source)
+    if isinstance(source, bytes):
+        return f"<{len(source)} bytes>"
+    if isinstance(source, Image.Image):
+        return f"<PIL image {source.mode} {source.width}x{source.height}>"
+    if isinstance(source, np.ndarray):
+        return f"<array {source.dtype} {source.shape}>"
+    return f"<{type(source).__name__}>"
+
+
+def load_image(source: ImageSource, *,
+               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """An upright RGB image; raises :class:`ImageLoadError` naming the input and the cause.
+
+    numpy arrays are taken as RGB (or RGBA / grayscale) in PIL's axis order; convert
+    OpenCV's BGR with ``array[..., ::-1]`` first.
+    """
+    name = describe(source)
+    if isinstance(source, np.ndarray):
+        return to_rgb(_from_array(source, name))
+    if isinstance(source, Image.Image):
+        _check_size(source.size, max_image_pixels, name)
+        return to_rgb(ImageOps.exif_transpose(source))
+    if isinstance(source, str | PathLike):
+        path = Path(source)
+        if not path.is_file():
+            raise ImageLoadError(name, "no such file" if not path.exists() else "not a file")
+        opener = lambda: Image.open(path)  # noqa: E731
+    elif isinstance(source, bytes):
+        opener = lambda: Image.open(io.BytesIO(source))  # noqa: E731
+    else:
+        raise ImageLoadError(name, "expected a path, bytes, a PIL image or a numpy array")
+    try:
+        with _pil_limit_lock, warnings.catch_warnings():
+            # grounding enforces its own limit below, after reading only the header.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                image = opener()
+            finally:
+                Image.MAX_IMAGE_PIXELS = saved
+        _check_size(image.size, max_image_pixels, name)
+        image.load()
+        upright = ImageOps.exif_transpose(image)
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageLoadError(name, "not an image file (format not recognised)") from None
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        reason = str(exc) or type(exc).__name__
+        if "truncated" in reason or isinstance(exc, EOFError):
+            reason = f"file is truncated or corrupt ({reason})"
+        raise ImageLoadError(name, reason) from None
+    return to_rgb(upright)
+
+
+def _check_size(size: tuple[int, int], limit: int, name: str) -> None:
+    w, h = size
+    if w < 1 or h < 1:
+        raise ImageLoadError(name, f"image has no pixels ({w}x{h})")
+    if w * h > limit:
+        raise ImageLoadError(
+            name,
+            f"{w}x{h} = {w * h:,} pixels exceeds the limit of {limit:,} "
+            "(possible decompression bomb; raise max_image_pixels to allow it)",
+        )
+
+
+def _from_array(array: np.ndarray, name: str) -> Image.Image:
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[2] == 1:
+        a = a[..., 0]
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)) or a.size == 0:
+        raise ImageLoadError(name, "expected an HxW, HxWx3 or HxWx4 array")
+    if a.dtype != np.uint8:
+        a = _to_uint8(a.astype(np.float64))
+    return Image.fromarray(np.ascontiguousarray(a))
+
+
+def _to_uint8(a: np.ndarray) -> np.ndarray:
+    """Scale integer or float pixels of any range into 0..255."""
+    top = float(np.nanmax(a)) if a.size else 0.0
+    if top <= 1.0:
+        scale = 255.0
+    elif top <= 255.0:
+        scale = 1.0
+    elif top <= 65535.0:
+        scale = 255.0 / 65535.0
+    else:
+        scale = 255.0 / top
+    return np.clip(np.nan_to_num(a) * scale + 0.5, 0, 255).astype(np.uint8)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB; transparency is composited onto white."""
+    mode = image.mode
+    if mode == "RGB":
+        return image
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        gray = _to_uint8(np.asarray(image, dtype=np.float64))
+        return Image.fromarray(gray).convert("RGB")
+    if (mode == "P" and "transparency" in image.info) or mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")

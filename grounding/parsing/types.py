@@ -1,0 +1,50 @@
+"""What a parser reads out of model text, still in the model's coordinate frame."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Kind = Literal["box", "point"]
+
+
+@dataclass(frozen=True)
+class RawObject:
+    """One box or point exactly as the model wrote it (model frame, corners as written)."""
+
+    kind: Kind
+    coords: tuple[float, ...]
+    label: str | None = None
+    attributes: dict[str, Any] = field(default_factory=dict)
+    start: int = 0
+    """Offset of the object in the text, so objects from different syntaxes keep text order."""
+
+
+@dataclass(frozen=True)
+class ParsedOutput:
+    """Every object found in one model answer.
+
+    ``truncated`` says the text stops inside a structure (an unclosed bracket, string or
+    tag): the answer was cut off and objects after the cut are missing. ``invalid`` counts
+    objects that were complete but unusable (e.g. a ``bbox_2d`` with three numbers).
+    """
+
+    objects: tuple[RawObject, ...] = ()
+    truncated: bool = False
+    invalid: int = 0
+
+    @property
+    def boxes(self) -> list[RawObject]:
+        return [o for o in self.objects if o.kind == "box"]
+
+    @property
+    def points(self) -> list[RawObject]:
+        return [o for o in self.objects if o.kind == "point"]
+
+    def __add__(self, other: ParsedOutput) -> ParsedOutput:
+        merged = sorted((*self.objects, *other.objects), key=lambda o: o.start)
+        return ParsedOutput(
+            objects=tuple(merged),
+            truncated=self.truncated or other.truncated,
+            invalid=self.invalid + other.invalid,
+        )
