@@ -115,7 +115,6 @@ def parse_html_bboxes(text: str) -> ParsedOutput:
 _PLAIN_LINE = re.compile(
     r"^[ \t]*(?P<c>(?:[-+]?\d+(?:\.\d+)?[ \t]*,[ \t]*){3}[-+]?\d+(?:\.\d+)?)"
     r"[ \t]+(?P<label>\S[^\n]*?)[ \t]*$",
-    r"[ \t]+(?P<label>\S[^\n]*?)[ \t]*$",
     re.M,
 )
 
