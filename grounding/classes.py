@@ -5,22 +5,27 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Mapping
 
-
-def _singular(word: str) -> str:
-    for suffix, repl in (("ies", "y"), ("ves", "f"), ("sses", "ss"), ("xes", "x"),
-                         ("ches", "ch"), ("shes", "sh"), ("oes", "o"), ("s", "")):
-        if word.endswith(suffix) and len(word) > len(suffix) + 1 and not word.endswith("ss"):
-            return word[: -len(suffix)] + repl
-    return word
+_IRREGULAR = {"people": "person", "men": "man", "women": "woman", "children": "child",
+              "mice": "mouse", "geese": "goose", "feet": "foot", "teeth": "tooth",
+              "knives": "knife", "leaves": "leaf", "wolves": "wolf", "sheep": "sheep"}
+_SUFFIXES = (("ies", "y"), ("ves", "f"), ("es", ""), ("s", ""))
 
 
 def _norm(text: str) -> str:
     return " ".join(text.lower().replace("_", " ").replace("-", " ").split())
 
 
-def _singular_phrase(text: str) -> str:
+def _forms(text: str) -> set[str]:
+    """The phrase and its candidate singulars (last word only: "traffic lights")."""
     words = _norm(text).split()
-    return " ".join([*words[:-1], _singular(words[-1])]) if words else ""
+    if not words:
+        return set()
+    head, last = words[:-1], words[-1]
+    lasts = {last, _IRREGULAR.get(last, last)}
+    for suffix, repl in _SUFFIXES:
+        if last.endswith(suffix) and len(last) > len(suffix) + 1 and not last.endswith("ss"):
+            lasts.add(last[: -len(suffix)] + repl)
+    return {" ".join([*head, w]) for w in lasts}
 
 
 class ClassMap:
@@ -44,7 +49,10 @@ class ClassMap:
         self._ids = {n: i for i, n in enumerate(self.names)}
         self._exact = {p: self._ids[c] for p, c in phrases.items()}
         self._lower = {_norm(p): self._ids[c] for p, c in phrases.items()}
-        self._singular = {_singular_phrase(p): self._ids[c] for p, c in phrases.items()}
+        self._forms: dict[str, int] = {}
+        for p, c in phrases.items():
+            for form in _forms(p):
+                self._forms.setdefault(form, self._ids[c])
 
     @classmethod
     def parse(cls, text: str) -> ClassMap:
@@ -62,8 +70,8 @@ class ClassMap:
         lowered = _norm(label)
         if lowered in self._lower:
             return self._lower[lowered]
-        singular = _singular_phrase(label)
-        if singular in self._singular:
-            return self._singular[singular]
+        for form in sorted(_forms(label)):
+            if form in self._forms:
+                return self._forms[form]
         close = difflib.get_close_matches(lowered, list(self._lower), n=1, cutoff=self.cutoff)
         return self._lower[close[0]] if close else None

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from qwen_vl_utils import smart_resize as _qwen_smart_resize
-
 from grounding.dialects import Dialect, get_dialect
 from grounding.errors import GeometryError
 
@@ -31,6 +29,9 @@ def smart_resize(width: int, height: int, *, factor: int, min_pixels: int,
         raise GeometryError(f"image size {width}x{height} has no pixels")
     if min_pixels > max_pixels:
         raise GeometryError(f"min_pixels {min_pixels} exceeds max_pixels {max_pixels}")
+    # Imported here: qwen-vl-utils pulls in torch, seconds that `grounding parse` need not pay.
+    from qwen_vl_utils import smart_resize as _qwen_smart_resize
+
     try:
         h, w = _qwen_smart_resize(height, width, factor=factor, min_pixels=min_pixels,
                                   max_pixels=max_pixels)

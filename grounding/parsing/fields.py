@@ -117,6 +117,8 @@ def object_from_dict(obj: Mapping[str, Any], start: int = 0) -> RawObject:
     else:
         raise InvalidObject(f"{key} holds {len(coords)} numbers")
     label, label_key = label_of(obj)
-    attributes = {k: v for k, v in obj.items() if k not in (key, label_key)}
+    # A nested label (`names: {"en", "zh"}`) stays in attributes: it holds the other languages.
+    drop = {key} if label_key is None or not isinstance(obj[label_key], str) else {key, label_key}
+    attributes = {k: v for k, v in obj.items() if k not in drop}
     return RawObject(kind=kind, coords=tuple(coords), label=label, attributes=attributes,
                      start=start)
