@@ -253,3 +253,10 @@ def test_roundtrip_any_formatting(objs, indent, fence, prose):
 def test_never_raises_on_arbitrary_text(text):
     for dialect in ("qwen2.5-vl", "qwen3-vl", "qwen2-vl", "qwen-vl", "deepseek-vl2"):
         parse(text, dialect)
+
+
+def test_cut_off_second_block_after_a_complete_one_is_flagged():
+    text = '[{"bbox_2d": [1, 2, 3, 4], "label": "a"}]\nmore: {"bbox_2d": [5, 6'
+    parsed = parse(text, Q25)
+    assert [o.label for o in parsed.objects] == ["a"]
+    assert parsed.truncated

@@ -65,6 +65,8 @@ def numbers(value: Any) -> list[float]:
                 return [n for k in keys for n in numbers(value[k])]
         raise InvalidObject(f"unrecognised coordinate mapping {dict(value)!r}")
     if isinstance(value, list | tuple):
+        if all(type(v) is int or type(v) is float for v in value):
+            return [float(v) for v in value]
         return [n for item in value for n in numbers(item)]
     raise InvalidObject(f"{type(value).__name__} is not a coordinate")
 

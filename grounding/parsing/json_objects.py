@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,10 +24,14 @@ from grounding.parsing.fields import COORD_KEYS, InvalidObject, object_from_dict
 from grounding.parsing.types import ParsedOutput, RawObject
 
 _VALUE_START = "{[,:"
+_SIGNIFICANT = re.compile(r"[{}\[\]\"'\\\n]")
 _LITERALS = {"true": True, "false": False, "null": None, "none": None}
 
 
 def parse_json_objects(text: str) -> ParsedOutput:
+    fast = _parse_whole(text)
+    if fast is not None:
+        return fast
     matches, truncated = _match_braces(text)
     objects: list[RawObject] = []
     invalid = 0
@@ -48,6 +53,26 @@ def parse_json_objects(text: str) -> ParsedOutput:
                 invalid += 1
         resume = end + 1
     return ParsedOutput(objects=tuple(objects), truncated=truncated, invalid=invalid)
+
+
+def _parse_whole(text: str) -> ParsedOutput | None:
+    """The common case, one well-formed JSON value (fenced or not): one ``json.loads``."""
+    first = min((i for i in (text.find("["), text.find("{")) if i >= 0), default=-1)
+    last = max(text.rfind("]"), text.rfind("}"))
+    if first < 0 or last < first or "{" in text[last:] or "[" in text[last:]:
+        return None
+    try:
+        value = json.loads(text[first : last + 1])
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    objects: list[RawObject] = []
+    invalid = 0
+    for obj in _grounding_dicts(value):
+        try:
+            objects.append(object_from_dict(obj, start=first))
+        except InvalidObject:
+            invalid += 1
+    return ParsedOutput(objects=tuple(objects), invalid=invalid) if objects or invalid else None
 
 
 def load_lenient(candidate: str) -> Any | None:
@@ -109,23 +134,22 @@ def _match_braces(text: str) -> tuple[dict[int, int], bool]:
     matches: dict[int, int] = {}
     stack: list[tuple[str, int]] = []
     quote: str | None = None
-    prev = ""  # last non-space character outside strings
-    i, n = 0, len(text)
-    while i < n:
+    escaped_at = -1  # index of a character escaped by a backslash inside a string
+    # Visit only the characters that matter; everything else is skipped by the regex.
+    for m in _SIGNIFICANT.finditer(text):
+        i = m.start()
         c = text[i]
         if quote is not None:
-            if c == "\\":
-                i += 2
+            if i == escaped_at:
                 continue
-            if c == quote:
+            if c == "\\":
+                escaped_at = i + 1
+            elif c == quote or c == "\n":
                 quote = None
-                prev = c
-            elif c == "\n":
-                quote = None
-            i += 1
             continue
-        if c in "\"'" and (prev in _VALUE_START or prev == ""):
-            quote = c
+        if c in "\"'":
+            if _opens_value(text, i):
+                quote = c
         elif c in "{[":
             stack.append((c, i))
         elif c in "}]":
@@ -136,8 +160,13 @@ def _match_braces(text: str) -> tuple[dict[int, int], bool]:
                 _, start = stack.pop()
                 if opener == "{":
                     matches[start] = i
-        if not c.isspace():
-            prev = c
-        i += 1
     truncated = bool(stack) or quote is not None
     return matches, truncated
+
+
+def _opens_value(text: str, i: int) -> bool:
+    """A quote opens a string where JSON allows a key or value: after ``{[,:`` or at start."""
+    j = i - 1
+    while j >= 0 and text[j] in " \t\r\n":
+        j -= 1
+    return j < 0 or text[j] in _VALUE_START
