@@ -40,9 +40,11 @@ class ClassMap:
             # ontology: prompt phrase -> class name (several phrases may share a class)
             self.names: list[str] = list(dict.fromkeys(classes.values()))
             phrases = {**{n: n for n in self.names}, **dict(classes)}
+            self.prompt_phrases: list[str] = list(classes)
         else:
             self.names = list(dict.fromkeys(c.strip() for c in classes if c.strip()))
             phrases = {n: n for n in self.names}
+            self.prompt_phrases = list(self.names)
         if not self.names:
             raise ValueError("the class list is empty")
         self.cutoff = cutoff

@@ -108,3 +108,87 @@ def parse(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(result.to_json())
+
+
+@app.command()
+def detect(
+    images: Annotated[list[Path], typer.Argument(help="Image files to look at.")],
+    classes: Annotated[str | None, typer.Option(
+        help='Comma-separated classes to find, e.g. "person,car".')] = None,
+    ontology: Annotated[Path | None, typer.Option(
+        help='JSON file mapping prompt phrases to class names: {"pedestrian": "person"}.')
+    ] = None,
+    prompt: Annotated[str | None, typer.Option(
+        help="A referring expression to locate (\"the red car on the left\"), or with "
+             "--classes/--ontology a full prompt replacing the built-in one.")] = None,
+    points: Annotated[bool, typer.Option("--points", help="Ask for points, not boxes.")] = False,
+    model: Annotated[str, typer.Option(
+        help="Hub id or local checkpoint directory.")] = "Qwen/Qwen2.5-VL-7B-Instruct",
+    dialect: Annotated[str | None, typer.Option(
+        help="Override the dialect read from the checkpoint's config.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per generate() call.")] = 4,
+    max_new_tokens: Annotated[int, typer.Option(
+        min=1, help="Generation limit; an answer that hits it is flagged truncated.")] = 2048,
+    min_pixels: Annotated[int | None, typer.Option(
+        help="Pixel budget: smallest model frame (default: the processor's).")] = None,
+    max_pixels: Annotated[int | None, typer.Option(
+        help="Pixel budget: largest model frame (default: the processor's). Grounding "
+             "quality depends on it; see the README.")] = None,
+    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+    device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: auto).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(
+        help="Write DIR/<stem>.json and an overlay DIR/<stem>.jpg per image instead of "
+             "JSON lines on stdout.")] = None,
+) -> None:
+    """Find classes, a referring expression, or points in images with a local Qwen-VL.
+
+    Prints one JSON record per image (one per line) or, with --out, writes a record and
+    an overlay per image. A bad image gets a record with "error" set; the others still
+    run, and the exit status is 1 if any image failed.
+    """
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from grounding.backends.local import LocalBackend, ModelLoadError
+    from grounding.detector import Detector, load_ontology
+
+    if sum(x is not None for x in (classes, ontology)) > 1:
+        raise typer.BadParameter("give --classes or --ontology, not both")
+    if classes is None and ontology is None and prompt is None:
+        raise typer.BadParameter("give --classes, --ontology or --prompt")
+    try:
+        wanted = load_ontology(ontology) if ontology is not None else classes
+        backend = LocalBackend(model, dialect=dialect, device=device, min_pixels=min_pixels,
+                               max_pixels=max_pixels, max_new_tokens=max_new_tokens)
+    except (ModelLoadError, GroundingError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    detector = Detector(backend, batch_size=batch_size)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    stems: dict[str, int] = {}
+    with Progress(transient=True, disable=len(images) < 2,
+                  console=Console(stderr=True)) as bar:
+        task = bar.add_task("detecting", total=len(images))
+        results = detector.detect_many([str(p) for p in images], wanted, prompt,
+                                       points=points, system=system)
+        for path, result in zip(images, results, strict=True):
+            failed += result.error is not None
+            if out is None:
+                typer.echo(result.to_json())
+            else:
+                # Two inputs with one stem (a/x.jpg, b/x.png) must not overwrite each other.
+                seen = stems.get(path.stem, 0)
+                stems[path.stem] = seen + 1
+                stem = path.stem if not seen else f"{path.stem}-{seen}"
+                (out / f"{stem}.json").write_text(result.to_json(indent=1) + "\n",
+                                                       encoding="utf-8")
+                if result.error is None:
+                    result.annotate().save(out / f"{stem}.jpg", quality=90)
+            bar.advance(task)
+    if failed:
+        typer.echo(f"error: {failed} of {len(images)} images failed (see their records)",
+                   err=True)
+        raise typer.Exit(1)

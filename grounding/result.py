@@ -81,6 +81,36 @@ class Result:
     dropped: dict[str, int] = field(default_factory=dict)
     """Objects read but not kept, by reason: ``no_area`` (box empty after clipping),
     ``outside`` (point off the image), ``invalid`` (unusable coordinates)."""
+    # Runtime only, not part of the record:
+    prompt: str | None = field(default=None, repr=False, compare=False)
+    generation: Any = field(default=None, repr=False, compare=False)
+    """The backend's Generation (token log-probabilities, timings) when a model ran."""
+    _image: Any = field(default=None, repr=False, compare=False)
+
+    def attach(self, image) -> Result:
+        """Keep the (upright RGB) image so the result can draw itself."""
+        self._image = image
+        return self
+
+    def annotate(self, image=None):
+        """The overlay as a PIL image: boxes, labels and points on ``image`` (or the
+        attached one)."""
+        from grounding.overlay import annotate
+
+        image = image if image is not None else self._image
+        if image is None:
+            raise ValueError("no image attached: pass the image to annotate()")
+        return annotate(image, self)
+
+    def _repr_png_(self) -> bytes | None:
+        """Jupyter shows a result as its overlay."""
+        if self._image is None:
+            return None
+        import io
+
+        buffer = io.BytesIO()
+        self.annotate().save(buffer, format="PNG")
+        return buffer.getvalue()
 
     @property
     def image_size(self) -> Size | None:

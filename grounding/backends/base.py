@@ -1,0 +1,53 @@
+"""The one narrow interface between backends and the rest of grounding."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from PIL import Image
+
+from grounding.dialects import Dialect
+from grounding.geometry import Size
+
+
+@dataclass(frozen=True)
+class Request:
+    """One image (upright RGB, original size) and what to ask about it."""
+
+    image: Image.Image
+    prompt: str
+    system: str | None = None
+
+
+@dataclass
+class Generation:
+    """What the model wrote for one request, and the frame its coordinates refer to.
+
+    ``input_size`` is read from what the backend actually fed the model (for the local
+    backend, ``image_grid_thw``), never assumed. ``token_logprobs`` holds the
+    log-probability of each generated token and ``tokens`` its text, so confidences can
+    be computed later without re-running the model.
+    """
+
+    text: str
+    input_size: Size
+    truncated: bool = False
+    tokens: list[str] | None = None
+    token_logprobs: list[float] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backend(Protocol):
+    model: str
+    dialect: Dialect
+
+    def frame(self, image_size: Size) -> Size:
+        """The model frame this backend will use for an image of this size."""
+        ...
+
+    def generate(self, requests: list[Request]) -> list[Generation | Exception]:
+        """One entry per request, in order; a failure is returned, not raised, so one bad
+        request does not sink its batch."""
+        ...

@@ -1,0 +1,153 @@
+"""The Python entry point: hold a loaded model, detect on paths, PIL images or arrays."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from grounding.assemble import result_from_text
+from grounding.backends.base import Backend, Generation, Request
+from grounding.classes import ClassMap
+from grounding.errors import GroundingError
+from grounding.images import ImageSource, describe, load_image
+from grounding.prompts import Task, class_prompt, expression_prompt
+from grounding.result import Result
+
+
+def load_ontology(path: str | Path) -> dict[str, str]:
+    """A JSON object mapping prompt phrases to class names, as autodistill's
+    CaptionOntology does: ``{"person": "person", "pedestrian": "person", "car": "car"}``."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise GroundingError(f"cannot read ontology {path}: {exc}") from None
+    if not isinstance(data, dict) or not data or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in data.items()
+    ):
+        raise GroundingError(f"ontology {path} must be a JSON object of phrase -> class name")
+    return data
+
+
+@dataclass(frozen=True)
+class Query:
+    """What to look for: classes (or an ontology) or a referring expression, boxes or points."""
+
+    classes: ClassMap | None = None
+    expression: str | None = None
+    prompt: str | None = None
+    task: Task = "boxes"
+    system: str | None = None
+
+    @classmethod
+    def make(cls, classes: Sequence[str] | Mapping[str, str] | str | None = None,
+             prompt: str | None = None, *, points: bool = False,
+             system: str | None = None) -> Query:
+        if classes is None and prompt is None:
+            raise ValueError("give classes to find or a prompt")
+        if isinstance(classes, str):
+            class_map = ClassMap.parse(classes)
+        elif classes is not None:
+            class_map = classes if isinstance(classes, ClassMap) else ClassMap(classes)
+        else:
+            class_map = None
+        return cls(class_map, None, prompt, "points" if points else "boxes", system)
+
+    def text(self, dialect) -> str:
+        """The prompt sent: the user's own, else the dialect's built-in one."""
+        if self.prompt and self.classes is not None:
+            return self.prompt
+        if self.classes is not None:
+            return class_prompt(dialect, self.classes.prompt_phrases, self.task)
+        assert self.prompt is not None
+        return expression_prompt(dialect, self.prompt, self.task)
+
+
+class Detector:
+    """A loaded model that turns images into :class:`Result` objects.
+
+    >>> det = Detector("Qwen/Qwen2.5-VL-7B-Instruct")          # doctest: +SKIP
+    >>> det.detect("street.jpg", classes=["person", "car"])      # doctest: +SKIP
+    """
+
+    def __init__(self, backend: Backend | str | None = None, *, batch_size: int = 4,
+                 **backend_options) -> None:
+        if backend is None or isinstance(backend, str):
+            from grounding.backends.local import DEFAULT_MODEL, LocalBackend
+
+            backend = LocalBackend(backend or DEFAULT_MODEL, **backend_options)
+        self.backend = backend
+        self.batch_size = max(1, batch_size)
+
+    def detect(self, image: ImageSource, classes=None, prompt: str | None = None, *,
+               points: bool = False, system: str | None = None) -> Result:
+        """Detect in one image; a bad image raises :class:`ImageLoadError`."""
+        result = next(self.detect_many([image], classes, prompt, points=points, system=system))
+        if result.error:
+            raise GroundingError(result.error)
+        return result
+
+    def detect_many(self, images: Iterable[ImageSource], classes=None,
+                    prompt: str | None = None, *, points: bool = False,
+                    system: str | None = None, batch_size: int | None = None,
+                    window: int = 8) -> Iterator[Result]:
+        """Results in input order; a bad image yields a Result with ``error`` set.
+
+        Images are read ``window`` batches ahead and grouped by model-frame size inside
+        that window, so a batch pads little; memory stays bounded by the window.
+        """
+        query = Query.make(classes, prompt, points=points, system=system)
+        text = query.text(self.backend.dialect)
+        size = batch_size or self.batch_size
+        pending: list[tuple[int, str, Image.Image | None, str | None]] = []
+        for index, source in enumerate(images):
+            pending.append((index, *self._load(source)))
+            if len(pending) >= size * window:
+                yield from self._run(pending, query, text, size)
+                pending = []
+        if pending:
+            yield from self._run(pending, query, text, size)
+
+    @staticmethod
+    def _load(source: ImageSource) -> tuple[str, Image.Image | None, str | None]:
+        name = describe(source)
+        try:
+            return name, load_image(source), None
+        except GroundingError as exc:
+            return name, None, str(exc)
+
+    def _run(self, items, query: Query, text: str, size: int) -> Iterator[Result]:
+        results: dict[int, Result] = {}
+        good = [it for it in items if it[2] is not None]
+        for index, name, _, error in items:
+            if error is not None:
+                results[index] = Result(image=name, model=self.backend.model,
+                                        dialect=self.backend.dialect.name, error=error)
+        good.sort(key=lambda it: self.backend.frame(it[2].size))
+        for start in range(0, len(good), size):
+            batch = good[start : start + size]
+            outputs = self.backend.generate(
+                [Request(image, text, query.system) for _, _, image, _ in batch])
+            for (index, name, image, _), out in zip(batch, outputs, strict=True):
+                results[index] = self._result(name, image, out, query, text)
+        for index, *_ in items:
+            yield results[index]
+
+    def _result(self, name: str, image: Image.Image, out: Generation | Exception,
+                query: Query, prompt: str) -> Result:
+        if isinstance(out, Exception):
+            return Result(image=name, width=image.width, height=image.height,
+                          model=self.backend.model, dialect=self.backend.dialect.name,
+                          error=f"{name}: {type(out).__name__}: {out}")
+        result = result_from_text(
+            out.text, self.backend.dialect, image_size=image.size, input_size=out.input_size,
+            classes=query.classes, model=self.backend.model, image=name,
+            truncated=out.truncated,
+        )
+        result.prompt = prompt
+        result.generation = out
+        result.attach(image)
+        return result
