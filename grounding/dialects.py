@@ -45,6 +45,8 @@ class Dialect:
     """The processor's own pixel limits, the frame used when the caller gives none."""
     fixed_size: tuple[int, int] | None = None
     """Models that resize every image to one size (Qwen-VL: 448x448)."""
+    budget: tuple[int, int] | None = None
+    """grounding's default (min_pixels, max_pixels) when running the model; see README."""
 
     @property
     def is_relative(self) -> bool:
@@ -54,12 +56,17 @@ class Dialect:
 DIALECTS: dict[str, Dialect] = {
     d.name: d
     for d in (
+        # Budgets: the Qwen2/2.5-VL README suggests 256-1280 visual tokens "to balance
+        # performance and cost"; the Qwen3-VL grounding cookbook runs 64-9800 tokens of 32px.
         Dialect("qwen2.5-vl", parse_qwen_json, "absolute", factor=28,
-                min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28),
+                min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28,
+                budget=(256 * 28 * 28, 1280 * 28 * 28)),
         Dialect("qwen3-vl", parse_qwen_json, "relative", norm=1000, factor=32,
-                min_pixels=64 * 32 * 32, max_pixels=16384 * 32 * 32),
+                min_pixels=64 * 32 * 32, max_pixels=16384 * 32 * 32,
+                budget=(64 * 32 * 32, 9800 * 32 * 32)),
         Dialect("qwen2-vl", parse_qwen2_vl, "relative", norm=1000, factor=28,
-                min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28),
+                min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28,
+                budget=(256 * 28 * 28, 1280 * 28 * 28)),
         Dialect("qwen-vl", parse_qwen_vl, "relative", norm=1000, fixed_size=(448, 448)),
         Dialect("deepseek-vl2", parse_deepseek_vl2, "relative", norm=999),
     )

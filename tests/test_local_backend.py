@@ -39,7 +39,7 @@ def test_dialect_follows_the_checkpoint(backend):
 
 
 @pytest.mark.parametrize("size", [(640, 480), (200, 150), (333, 777), (1000, 90), (57, 57),
-                                  (1280, 720)])
+                                  (1280, 720), (2000, 1500)])
 def test_model_frame_read_from_processor_equals_prediction(backend, size):
     backend.max_new_tokens = 1
     try:
@@ -47,7 +47,9 @@ def test_model_frame_read_from_processor_equals_prediction(backend, size):
     finally:
         backend.max_new_tokens = 12
     assert not isinstance(gen, Exception), gen
-    assert gen.input_size == model_frame(backend.dialect, *size)
+    low, high = backend.dialect.budget
+    assert gen.input_size == model_frame(backend.dialect, *size, min_pixels=low, max_pixels=high)
+    assert gen.input_size == backend.frame(size)
 
 
 def test_pixel_budget_changes_the_frame():
@@ -80,7 +82,7 @@ def test_logprobs_are_the_models_own_numbers(backend):
     [gen] = backend.generate([request])
     assert len(gen.token_logprobs) == len(gen.tokens) <= backend.max_new_tokens
     assert all(lp <= 0 for lp in gen.token_logprobs)
-    frame = model_frame(backend.dialect, 320, 240)
+    frame = backend.frame((320, 240))
     inputs = backend.processor(text=[backend._chat(request)],
                                images=[request.image.resize(frame, Image.Resampling.BICUBIC)],
                                return_tensors="pt", do_resize=False)
@@ -129,7 +131,7 @@ def test_detector_records_and_bad_image(backend, tmp_path):
     a = results[0]
     assert (a.width, a.height) == (300, 200)
     assert a.image == str(good)
-    assert a.input_size == model_frame(backend.dialect, 300, 200)
+    assert a.input_size == backend.frame((300, 200))
     assert a.model == backend.model and a.dialect == backend.dialect.name
     assert a.prompt and "cat, dog" in a.prompt
     assert a.generation.token_logprobs is not None

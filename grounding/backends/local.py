@@ -12,7 +12,7 @@ from PIL import Image
 from grounding.backends.base import Generation, Request
 from grounding.dialects import Dialect, get_dialect
 from grounding.errors import GeometryError, GroundingError
-from grounding.geometry import Size, model_frame
+from grounding.geometry import Size, model_frame, resolve_budget
 
 log = logging.getLogger("grounding")
 
@@ -39,7 +39,9 @@ class LocalBackend:
 
     GPU defaults: bf16 where supported (else fp16), ``device_map="auto"``, flash-attention
     2 when installed, else sdpa. On CPU it runs in float32, slowly, after a warning.
-    The pixel budget (``min_pixels``/``max_pixels``) defaults to the processor's own.
+    The pixel budget (``min_pixels``/``max_pixels``) defaults to the dialect's
+    ``budget`` (README: "Pixel budget"); the processor is told not to resize again, and the
+    frame it reports is checked against the one grounding predicted.
     """
 
     def __init__(
@@ -100,8 +102,7 @@ class LocalBackend:
         tokenizer.padding_side = "left"
         self.tokenizer = tokenizer
         self.patch_size = int(self.processor.image_processor.patch_size)
-        self.min_pixels = min_pixels
-        self.max_pixels = max_pixels
+        self.min_pixels, self.max_pixels = resolve_budget(self.dialect, min_pixels, max_pixels)
         self.max_new_tokens = max_new_tokens
         generation = self.net.generation_config
         eos = generation.eos_token_id if generation.eos_token_id is not None else []
