@@ -10,6 +10,7 @@ from grounding.geometry import (
     Size,
     box_area,
     clip_box,
+    clip_point,
     order_box,
     point_inside,
     rescale_box,
@@ -57,9 +58,12 @@ def build_result(
                 xy = (obj.coords[0], obj.coords[1])
             else:
                 xy = rescale_point(obj.coords, sx, sy)
-                if not point_inside(xy, image_size):
+                # x * (W / w') overshoots W by a rounding error for some W, w' when the
+                # model writes x = w': that point is on the edge, not outside.
+                if not point_inside(xy, image_size, tolerance=1e-6):
                     dropped["outside"] += 1
                     continue
+                xy = clip_point(xy, image_size)
             points.append(Point(xy, obj.label, class_id, None, dict(obj.attributes), obj.coords))
     return Result(
         boxes=boxes,

@@ -59,6 +59,20 @@ def model_frame(dialect: str | Dialect, width: int, height: int, *,
     )
 
 
+def resolve_budget(dialect: str | Dialect, min_pixels: int | None = None,
+                   max_pixels: int | None = None) -> tuple[int | None, int | None]:
+    """The pixel budget a backend runs with: the caller's values, else the dialect's
+    default budget, moved so that giving only one bound never contradicts the other."""
+    d = get_dialect(dialect)
+    low, high = d.budget or (d.min_pixels, d.max_pixels)
+    if min_pixels is None and max_pixels is not None and low is not None:
+        low = min(low, max_pixels)
+    if max_pixels is None and min_pixels is not None and high is not None:
+        high = max(high, min_pixels)
+    return (low if min_pixels is None else min_pixels,
+            high if max_pixels is None else max_pixels)
+
+
 def coordinate_space(dialect: str | Dialect, input_size: Size | None) -> tuple[float, float]:
     """The extent of the numbers the model writes: the input frame, or norm x norm."""
     d = get_dialect(dialect)
@@ -102,8 +116,13 @@ def box_area(box: Sequence[float]) -> float:
     return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
 
 
-def point_inside(point: Sequence[float], size: Size) -> bool:
-    return 0.0 <= point[0] <= size[0] and 0.0 <= point[1] <= size[1]
+def point_inside(point: Sequence[float], size: Size, tolerance: float = 0.0) -> bool:
+    return (-tolerance <= point[0] <= size[0] + tolerance
+            and -tolerance <= point[1] <= size[1] + tolerance)
+
+
+def clip_point(point: Sequence[float], size: Size) -> tuple[float, float]:
+    return min(max(point[0], 0.0), size[0]), min(max(point[1], 0.0), size[1])
 
 
 def to_model_box(box: Sequence[float], dialect: str | Dialect, input_size: Size | None,

@@ -127,7 +127,12 @@ def to_rgb(image: Image.Image) -> Image.Image:
     mode = image.mode
     if mode == "RGB":
         return image
-    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+    if mode.startswith("I;16"):
+        # 16-bit files have a known 0..65535 range: scale by it, not by the brightest
+        # pixel, or a dark 16-bit image (all values <= 255) would come out 257x brighter.
+        gray = np.asarray(image, dtype=np.float64) * (255.0 / 65535.0) + 0.5
+        return Image.fromarray(np.clip(gray, 0, 255).astype(np.uint8)).convert("RGB")
+    if mode in ("I", "F"):
         gray = _to_uint8(np.asarray(image, dtype=np.float64))
         return Image.fromarray(gray).convert("RGB")
     if (mode == "P" and "transparency" in image.info) or mode in ("RGBA", "LA", "PA", "RGBa", "La"):
