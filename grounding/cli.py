@@ -110,6 +110,38 @@ def parse(
     typer.echo(result.to_json())
 
 
+def make_backend(kind: str, *, model: str | None, dialect: str | None, device: str | None,
+                 min_pixels: int | None, max_pixels: int | None, max_new_tokens: int,
+                 base_url: str | None, api_key_env: str | None, api_key_header: str,
+                 header: list[str] | None, endpoint: str, concurrency: int, timeout: float,
+                 max_retries: int, token_param: str, logprobs: bool, json_schema: bool):
+    """The backend the command-line options describe."""
+    if kind == "local":
+        from grounding.backends.local import DEFAULT_MODEL, LocalBackend
+
+        return LocalBackend(model or DEFAULT_MODEL, dialect=dialect, device=device,
+                            min_pixels=min_pixels, max_pixels=max_pixels,
+                            max_new_tokens=max_new_tokens)
+    if kind != "openai":
+        raise typer.BadParameter("expected local or openai", param_hint="--backend")
+    if not base_url:
+        raise typer.BadParameter("--backend openai needs --base-url", param_hint="--base-url")
+    headers = {}
+    for item in header or []:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise typer.BadParameter(f"expected 'Name: value', got {item!r}", param_hint="--header")
+        headers[name.strip()] = value.strip()
+    from grounding.backends.remote import OpenAIBackend
+
+    return OpenAIBackend(model, base_url=base_url, dialect=dialect, api_key_env=api_key_env,
+                         api_key_header=api_key_header, headers=headers, endpoint=endpoint,
+                         timeout=timeout, concurrency=concurrency, max_retries=max_retries,
+                         min_pixels=min_pixels, max_pixels=max_pixels,
+                         max_new_tokens=max_new_tokens, token_param=token_param,
+                         logprobs=logprobs, json_schema=json_schema)
+
+
 @app.command()
 def detect(
     images: Annotated[list[Path], typer.Argument(help="Image files to look at.")],
@@ -122,26 +154,54 @@ def detect(
         help="A referring expression to locate (\"the red car on the left\"), or with "
              "--classes/--ontology a full prompt replacing the built-in one.")] = None,
     points: Annotated[bool, typer.Option("--points", help="Ask for points, not boxes.")] = False,
-    model: Annotated[str, typer.Option(
-        help="Hub id or local checkpoint directory.")] = "Qwen/Qwen2.5-VL-7B-Instruct",
+    backend: Annotated[str, typer.Option(
+        help="local: transformers in this process; openai: an OpenAI-compatible server "
+             "(vLLM, SGLang, hosted APIs).")] = "local",
+    model: Annotated[str | None, typer.Option(
+        help="local: hub id or checkpoint directory (default Qwen/Qwen2.5-VL-7B-Instruct); "
+             "openai: the served model name (default: the first the server lists).")] = None,
     dialect: Annotated[str | None, typer.Option(
-        help="Override the dialect read from the checkpoint's config.")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per generate() call.")] = 4,
+        help="How the model writes boxes (default: from the checkpoint's config, or guessed "
+             "from the served model name).")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, help="local: images per generate() call (default 4).")] = None,
     max_new_tokens: Annotated[int, typer.Option(
         min=1, help="Generation limit; an answer that hits it is flagged truncated.")] = 2048,
     min_pixels: Annotated[int | None, typer.Option(
-        help="Pixel budget: smallest model frame (default: the processor's).")] = None,
+        help="Pixel budget: smallest model frame (default: the dialect's, see README).")] = None,
     max_pixels: Annotated[int | None, typer.Option(
-        help="Pixel budget: largest model frame (default: the processor's). Grounding "
-             "quality depends on it; see the README.")] = None,
+        help="Pixel budget: largest model frame (default: the dialect's, see README).")] = None,
     system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
-    device: Annotated[str | None, typer.Option(help="cuda, cuda:1, cpu (default: auto).")
-    ] = None,
+    device: Annotated[str | None, typer.Option(
+        help="local: cuda, cuda:1, cpu (default: auto).")] = None,
+    base_url: Annotated[str | None, typer.Option(
+        help="openai: server URL including /v1, e.g. http://gpu-box:8000/v1.")] = None,
+    api_key_env: Annotated[str | None, typer.Option(
+        help="openai: name of the environment variable holding the API key.")] = None,
+    api_key_header: Annotated[str, typer.Option(
+        help="openai: header carrying the key; Authorization sends 'Bearer KEY', any other "
+             "header (e.g. x-api-key) the bare key.")] = "Authorization",
+    header: Annotated[list[str] | None, typer.Option(
+        help="openai: extra header 'Name: value' (repeatable).")] = None,
+    endpoint: Annotated[str, typer.Option(
+        help="openai: path under --base-url (or full URL) taking chat requests.")
+    ] = "/chat/completions",
+    concurrency: Annotated[int, typer.Option(min=1, help="openai: requests in flight.")] = 8,
+    timeout: Annotated[float, typer.Option(help="openai: seconds per request.")] = 120.0,
+    max_retries: Annotated[int, typer.Option(
+        min=0, help="openai: retries on 429/5xx/connection errors.")] = 5,
+    token_param: Annotated[str, typer.Option(
+        help="openai: max_tokens or max_completion_tokens.")] = "max_tokens",
+    logprobs: Annotated[bool, typer.Option(
+        help="openai: ask for token log-probabilities.")] = True,
+    json_schema: Annotated[bool, typer.Option(
+        help="openai: ask the server for JSON-schema-constrained output (vLLM).")] = False,
     out: Annotated[Path | None, typer.Option(
         help="Write DIR/<stem>.json and an overlay DIR/<stem>.jpg per image instead of "
              "JSON lines on stdout.")] = None,
 ) -> None:
-    """Find classes, a referring expression, or points in images with a local Qwen-VL.
+    """Find classes, a referring expression, or points in images with a Qwen-VL model,
+    local (transformers) or served (--backend openai --base-url URL).
 
     Prints one JSON record per image (one per line) or, with --out, writes a record and
     an overlay per image. A bad image gets a record with "error" set; the others still
@@ -150,7 +210,6 @@ def detect(
     from rich.console import Console
     from rich.progress import Progress
 
-    from grounding.backends.local import LocalBackend, ModelLoadError
     from grounding.detector import Detector, load_ontology
 
     if sum(x is not None for x in (classes, ontology)) > 1:
@@ -159,12 +218,17 @@ def detect(
         raise typer.BadParameter("give --classes, --ontology or --prompt")
     try:
         wanted = load_ontology(ontology) if ontology is not None else classes
-        backend = LocalBackend(model, dialect=dialect, device=device, min_pixels=min_pixels,
-                               max_pixels=max_pixels, max_new_tokens=max_new_tokens)
-    except (ModelLoadError, GroundingError) as exc:
+        engine = make_backend(
+            backend, model=model, dialect=dialect, device=device, min_pixels=min_pixels,
+            max_pixels=max_pixels, max_new_tokens=max_new_tokens, base_url=base_url,
+            api_key_env=api_key_env, api_key_header=api_key_header, header=header,
+            endpoint=endpoint, concurrency=concurrency, timeout=timeout,
+            max_retries=max_retries, token_param=token_param, logprobs=logprobs,
+            json_schema=json_schema)
+    except (GroundingError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    detector = Detector(backend, batch_size=batch_size)
+    detector = Detector(engine, batch_size=batch_size)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     failed = 0

@@ -73,14 +73,14 @@ class Detector:
     >>> det.detect("street.jpg", classes=["person", "car"])      # doctest: +SKIP
     """
 
-    def __init__(self, backend: Backend | str | None = None, *, batch_size: int = 4,
+    def __init__(self, backend: Backend | str | None = None, *, batch_size: int | None = None,
                  **backend_options) -> None:
         if backend is None or isinstance(backend, str):
             from grounding.backends.local import DEFAULT_MODEL, LocalBackend
 
             backend = LocalBackend(backend or DEFAULT_MODEL, **backend_options)
         self.backend = backend
-        self.batch_size = max(1, batch_size)
+        self.batch_size = max(1, batch_size or getattr(backend, "preferred_batch", 4))
 
     def detect(self, image: ImageSource, classes=None, prompt: str | None = None, *,
                points: bool = False, system: str | None = None) -> Result:
@@ -130,7 +130,7 @@ class Detector:
         for start in range(0, len(good), size):
             batch = good[start : start + size]
             outputs = self.backend.generate(
-                [Request(image, text, query.system) for _, _, image, _ in batch])
+                [Request(image, text, query.system, query.task) for _, _, image, _ in batch])
             for (index, name, image, _), out in zip(batch, outputs, strict=True):
                 results[index] = self._result(name, image, out, query, text)
         for index, *_ in items:

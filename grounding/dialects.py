@@ -99,6 +99,19 @@ def get_dialect(name: str | Dialect) -> Dialect:
         raise ValueError(f"unknown dialect {name!r}; known dialects: {known}") from None
 
 
+def guess_dialect(model: str) -> Dialect | None:
+    """The dialect a served model name suggests ("Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen3-vl-235b-a22b-instruct", "deepseek-vl2-small"), or None."""
+    name = model.lower().replace("_", "-").replace(" ", "-")
+    for needle, dialect in (("qwen3-vl", "qwen3-vl"), ("qwen2.5-vl", "qwen2.5-vl"),
+                            ("qwen2-5-vl", "qwen2.5-vl"), ("qwen25-vl", "qwen2.5-vl"),
+                            ("qwen2-vl", "qwen2-vl"), ("deepseek-vl2", "deepseek-vl2"),
+                            ("deepseek-vl-2", "deepseek-vl2"), ("qwen-vl", "qwen-vl")):
+        if needle in name:
+            return DIALECTS[dialect]
+    return None
+
+
 def parse(text: str, dialect: str | Dialect) -> ParsedOutput:
     """Read every box and point out of a model answer, in the model's frame."""
     return get_dialect(dialect).parse(text)

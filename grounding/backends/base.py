@@ -18,6 +18,8 @@ class Request:
     image: Image.Image
     prompt: str
     system: str | None = None
+    task: str = "boxes"
+    """``boxes`` or ``points``: lets a server constrain its output to the right schema."""
 
 
 @dataclass

@@ -1,0 +1,406 @@
+"""Any OpenAI-compatible chat-completions server: vLLM, SGLang, hosted Qwen-VL / DeepSeek-VL2.
+
+Exact coordinates: a server resizes images its own way and does not say how (vLLM with
+its processor's pixel limits, hosted APIs with their own, per-request pixel hints are
+often ignored). So the client sends an image that is already in the dialect's model frame
+(upright, resized with the same rule under grounding's pixel budget): the server's own
+resize leaves such an image as it is, and boxes map back from the frame that was sent.
+Relative dialects (Qwen2-VL, Qwen3-VL, DeepSeek-VL2) are exact whatever the server does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import io
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from PIL import Image
+
+from grounding.backends.base import Generation, Request
+from grounding.dialects import Dialect, get_dialect, guess_dialect
+from grounding.errors import GroundingError
+from grounding.geometry import Size, model_frame, resolve_budget
+
+log = logging.getLogger("grounding")
+
+TRUNCATED_REASONS = frozenset({"length", "max_tokens", "max_length", "model_length"})
+"""finish_reason values meaning "cut off"; anything else ("stop", Qianfan's "normal",
+"eos", None) is a finished answer."""
+
+
+class RemoteError(GroundingError):
+    """A request failed for good; ``status`` is the HTTP status when there was one."""
+
+    def __init__(self, message: str, status: int | None = None, retryable: bool = False):
+        self.status = status
+        self.retryable = retryable
+        super().__init__(message)
+
+
+_STATUS_HINTS = {
+    400: "bad request",
+    401: "authentication failed: check the API key (--api-key-env) and --api-key-header",
+    403: "access denied: check the API key and that it may use this model",
+    404: "not found: check --model, --base-url and --endpoint",
+    405: "method not allowed: check --base-url and --endpoint",
+    406: "not acceptable (Segmind answers this when the account has not enough credits)",
+    413: "request too large: lower --max-pixels",
+    422: "the server rejected the request body",
+    429: "rate limited",
+}
+
+
+def provider_message(body: Any) -> str | None:
+    """The human message inside an error body, whichever provider wrote it."""
+    if isinstance(body, (bytes, str)):
+        try:
+            body = json.loads(body)
+        except (ValueError, TypeError):
+            return None
+    if not isinstance(body, dict):
+        return None
+    error = body.get("error")
+    if isinstance(error, dict):  # OpenAI, vLLM, SGLang
+        message = error.get("message") or error.get("msg")
+        code = error.get("code") or error.get("type")
+        if message:
+            return f"{message} ({code})" if code and str(code) not in str(message) else message
+    if isinstance(error, str) and error:
+        return error
+    if body.get("error_code") not in (None, 0, "0", ""):  # Baidu Qianfan
+        return f"{body.get('error_msg') or 'error'} (error_code {body['error_code']})"
+    if body.get("code") and body.get("message"):  # DashScope
+        return f"{body['message']} ({body['code']})"
+    if body.get("object") == "error" and body.get("message"):  # older vLLM
+        return str(body["message"])
+    for key in ("message", "detail", "msg"):
+        if isinstance(body.get(key), str) and body[key]:
+            return body[key]
+    return None
+
+
+def _retry_after(headers: Any) -> float | None:
+    value = headers.get("retry-after") if headers is not None else None
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _encode(image: Image.Image, frame: Size, image_format: str) -> str:
+    if image.size != frame:
+        image = image.resize(frame, Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    if image_format == "jpeg":
+        image.save(buffer, format="JPEG", quality=95)
+    else:
+        image.save(buffer, format="PNG", compress_level=1)
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f"data:image/{image_format};base64,{data}"
+
+
+def json_schema(task: str) -> dict[str, Any]:
+    """A response_format that makes a guided-decoding server (vLLM) write valid box JSON."""
+    key, n = ("point_2d", 2) if task == "points" else ("bbox_2d", 4)
+    item = {
+        "type": "object",
+        "properties": {
+            key: {"type": "array", "items": {"type": "number"}, "minItems": n, "maxItems": n},
+            "label": {"type": "string"},
+        },
+        "required": [key, "label"],
+    }
+    return {"type": "json_schema",
+            "json_schema": {"name": "grounding", "schema": {"type": "array", "items": item}}}
+
+
+class OpenAIBackend:
+    """Requests to a chat-completions server, ``concurrency`` in flight, in input order.
+
+    The API key is read from the environment variable ``api_key_env`` (never a value on
+    the command line) and sent as ``Authorization: Bearer KEY``, or bare in
+    ``api_key_header`` (Segmind: ``x-api-key``). ``endpoint`` is the path under
+    ``base_url`` (or a full URL) that takes the chat request. Without ``model`` the
+    first one the server lists is used; without ``dialect`` it is guessed from the model
+    name (an unknown name is an error, not a guess).
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        base_url: str,
+        dialect: str | Dialect | None = None,
+        api_key_env: str | None = None,
+        api_key_header: str = "Authorization",
+        headers: dict[str, str] | None = None,
+        endpoint: str = "/chat/completions",
+        timeout: float = 120.0,
+        concurrency: int = 8,
+        max_retries: int = 5,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        max_new_tokens: int = 2048,
+        token_param: str = "max_tokens",
+        logprobs: bool = True,
+        json_schema: bool = False,
+        image_format: str = "png",
+        extra_body: dict[str, Any] | None = None,
+    ) -> None:
+        import openai  # noqa: F401 - fail at construction, not at the first request
+
+        self.base_url = base_url.rstrip("/")
+        self.endpoint = endpoint
+        if api_key_env:
+            key = os.environ.get(api_key_env)
+            if not key:
+                raise RemoteError(f"environment variable {api_key_env} is not set: export "
+                                  "the API key there (it is never taken on the command line)")
+        else:
+            key = None
+        self._key = key
+        self._headers = dict(headers or {})
+        if key and api_key_header.lower() != "authorization":
+            self._headers[api_key_header] = key
+        self._auth_in_bearer = bool(key) and api_key_header.lower() == "authorization"
+        self.timeout = timeout
+        self.concurrency = max(1, concurrency)
+        self.max_retries = max(0, max_retries)
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.max_new_tokens = max_new_tokens
+        if token_param not in ("max_tokens", "max_completion_tokens"):
+            raise ValueError("token_param must be max_tokens or max_completion_tokens")
+        self.token_param = token_param
+        self.logprobs = logprobs
+        self.json_schema = json_schema
+        if image_format not in ("png", "jpeg"):
+            raise ValueError("image_format must be png or jpeg")
+        self.image_format = image_format
+        self.extra_body = dict(extra_body or {})
+        self._clients: dict[int, Any] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_lock = threading.Lock()
+        self.model = model or self._run(self._first_model())
+        if dialect is None:
+            dialect = guess_dialect(self.model)
+            if dialect is None:
+                raise RemoteError(f"cannot tell how model {self.model!r} writes boxes: pass "
+                                  "--dialect (qwen2.5-vl, qwen3-vl, qwen2-vl, qwen-vl, "
+                                  "deepseek-vl2)")
+        self.dialect = get_dialect(dialect)
+        self.min_pixels, self.max_pixels = resolve_budget(self.dialect, min_pixels, max_pixels)
+
+    @property
+    def preferred_batch(self) -> int:
+        """How many requests the Detector should hand over at once: enough to keep
+        ``concurrency`` in flight across a chunk boundary, few enough to bound memory."""
+        return 4 * self.concurrency
+
+    def frame(self, image_size: Size) -> Size:
+        """The size of the image sent for an original of ``image_size``."""
+        if self.dialect.factor is None:
+            w, h = image_size
+            if self.max_pixels and w * h > self.max_pixels:
+                scale = (self.max_pixels / (w * h)) ** 0.5
+                return max(1, int(w * scale)), max(1, int(h * scale))
+            return image_size
+        return model_frame(self.dialect, *image_size, min_pixels=self.min_pixels,
+                           max_pixels=self.max_pixels)
+
+    # -- sync facade over a private event loop ------------------------------------------
+
+    def _run(self, coro: Coroutine) -> Any:
+        with self._loop_lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                threading.Thread(target=self._loop.run_forever, daemon=True,
+                                 name="grounding-remote").start()
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def generate(self, requests: list[Request]) -> list[Generation | Exception]:
+        return self._run(self.agenerate(requests))
+
+    def close(self) -> None:
+        if self._loop is not None:
+            loop, self._loop = self._loop, None
+            loop.call_soon_threadsafe(loop.stop)
+
+    # -- async core ---------------------------------------------------------------------
+
+    def _client(self) -> Any:
+        """One AsyncOpenAI client per event loop (its connection pool is bound to it)."""
+        import openai
+
+        loop_id = id(asyncio.get_running_loop())
+        client = self._clients.get(loop_id)
+        if client is None:
+            client = openai.AsyncOpenAI(
+                base_url=self.base_url, api_key=self._key or "none",
+                default_headers=self._headers,
+                timeout=self.timeout, max_retries=0,
+            )
+            self._clients[loop_id] = client
+        return client
+
+    async def agenerate(self, requests: list[Request]) -> list[Generation | Exception]:
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def one(request: Request) -> Generation | Exception:
+            async with gate:
+                try:
+                    return await self._request(request)
+                except RemoteError as exc:
+                    return exc
+                except Exception as exc:  # a bug or an unexpected answer: that image only
+                    return RemoteError(self._scrub(f"{type(exc).__name__}: {exc}"))
+
+        return list(await asyncio.gather(*(one(r) for r in requests)))
+
+    async def _first_model(self) -> str:
+        text = await self._call(lambda c: c.get("/models", cast_to=str, options=self._options()),
+                                "GET /models")
+        try:
+            return json.loads(text)["data"][0]["id"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise RemoteError(f"{self.base_url}/models lists no model: pass --model") from None
+
+    async def _request(self, request: Request) -> Generation:
+        frame = self.frame(request.image.size)
+        started = time.perf_counter()
+        url = await asyncio.to_thread(_encode, request.image, frame, self.image_format)
+        encoded = time.perf_counter()
+        body = self._body(request, url)
+        try:
+            text = await self._post(body)
+        except RemoteError as exc:
+            if not (self.logprobs and exc.status == 400 and "logprob" in str(exc).lower()):
+                raise
+            log.warning("grounding: %s does not support logprobs; continuing without them",
+                        self.base_url)
+            self.logprobs = False
+            body.pop("logprobs", None)
+            text = await self._post(body)
+        generation = self._generation(text, frame)
+        generation.timings = {"preprocess": encoded - started,
+                              "generate": time.perf_counter() - encoded, "decode": 0.0}
+        return generation
+
+    def _body(self, request: Request, image_url: str) -> dict[str, Any]:
+        messages: list[dict[str, Any]] = []
+        if request.system:
+            messages.append({"role": "system", "content": request.system})
+        messages.append({"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": image_url}},
+            {"type": "text", "text": request.prompt},
+        ]})
+        body: dict[str, Any] = {"model": self.model, "messages": messages,
+                                self.token_param: self.max_new_tokens, "temperature": 0.0}
+        if self.logprobs:
+            body["logprobs"] = True
+        if self.json_schema and self.dialect.name in ("qwen2.5-vl", "qwen3-vl"):
+            body["response_format"] = json_schema(request.task)
+        body.update(self.extra_body)
+        return body
+
+    def _options(self) -> dict[str, Any]:
+        """Per-request options: without a bearer key the Authorization header is left out."""
+        import openai
+
+        return {} if self._auth_in_bearer else {"headers": {"Authorization": openai.Omit()}}
+
+    async def _post(self, body: dict[str, Any]) -> str:
+        return await self._call(
+            lambda c: c.post(self.endpoint, cast_to=str, body=body, options=self._options()),
+            f"POST {self.endpoint}")
+
+    async def _call(self, send, what: str) -> str:
+        """Send with retries: 429 (Retry-After honoured), 5xx, connection errors and
+        timeouts back off exponentially with jitter; other 4xx fail at once."""
+        import openai
+
+        attempt = 0
+        while True:
+            wait: float | None = None
+            try:
+                return await send(self._client())
+            except openai.APIStatusError as exc:
+                error = self._status_error(exc, what)
+                if not error.retryable:
+                    raise error from None
+                wait = _retry_after(exc.response.headers) if exc.status_code == 429 else None
+            except (openai.APITimeoutError, openai.APIConnectionError) as exc:
+                kind = "timed out" if isinstance(exc, openai.APITimeoutError) else (
+                    "connection failed")
+                error = RemoteError(f"{what} to {self.base_url} {kind}: {exc}", retryable=True)
+            if attempt >= self.max_retries:
+                raise RemoteError(self._scrub(f"{error} (gave up after {attempt + 1} attempts)"),
+                                  error.status) from None
+            if wait is None:
+                wait = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1)
+            attempt += 1
+            log.info("grounding: %s; retry %d/%d in %.2fs", error, attempt, self.max_retries, wait)
+            await asyncio.sleep(wait)
+
+    def _status_error(self, exc: Any, what: str) -> RemoteError:
+        status = exc.status_code
+        try:
+            detail = provider_message(exc.response.text)
+        except Exception:  # a body that cannot be read says nothing more
+            detail = None
+        hint = _STATUS_HINTS.get(status, "server error" if status >= 500 else "request failed")
+        message = f"{what} to {self.base_url} failed with HTTP {status}: {hint}"
+        if detail:
+            message += f": {detail}"
+        retryable = status == 429 or status >= 500 or status == 408
+        return RemoteError(self._scrub(message), status, retryable)
+
+    def _generation(self, text: str, frame: Size) -> Generation:
+        try:
+            data = json.loads(text)
+        except ValueError:
+            snippet = " ".join(text.split())[:120]
+            raise RemoteError(f"the server's answer is not JSON: {snippet!r}") from None
+        detail = provider_message(data) if isinstance(data, dict) else None
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not choices:
+            reason = detail or "no choices in the answer"
+            raise RemoteError(self._scrub(f"the server returned no answer: {reason}"))
+        choice = choices[0]
+        message = choice.get("message") or {}
+        content = message.get("content")
+        if isinstance(content, list):  # some servers return content parts
+            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+        if not isinstance(content, str):
+            raise RemoteError("the server's answer has no text content")
+        tokens = logprobs = None
+        entries = (choice.get("logprobs") or {}).get("content") if isinstance(
+            choice.get("logprobs"), dict) else None
+        if entries:
+            tokens = [str(e.get("token", "")) for e in entries]
+            logprobs = [float(e.get("logprob", 0.0)) for e in entries]
+        return Generation(text=content, input_size=frame,
+                          truncated=choice.get("finish_reason") in TRUNCATED_REASONS,
+                          tokens=tokens, token_logprobs=logprobs)
+
+    def _scrub(self, text: str) -> str:
+        """Never let the API key into a message, a record or a log line."""
+        return text.replace(self._key, "***") if self._key else text
