@@ -14,6 +14,7 @@ from grounding.backends.base import Backend, Generation, Request
 from grounding.classes import ClassMap
 from grounding.errors import GroundingError
 from grounding.images import ImageSource, describe, load_image
+from grounding.prefetch import prefetch
 from grounding.prompts import Task, class_prompt, expression_prompt
 from grounding.result import Result
 
@@ -74,13 +75,14 @@ class Detector:
     """
 
     def __init__(self, backend: Backend | str | None = None, *, batch_size: int | None = None,
-                 **backend_options) -> None:
+                 io_workers: int = 4, **backend_options) -> None:
         if backend is None or isinstance(backend, str):
             from grounding.backends.local import DEFAULT_MODEL, LocalBackend
 
             backend = LocalBackend(backend or DEFAULT_MODEL, **backend_options)
         self.backend = backend
         self.batch_size = max(1, batch_size or getattr(backend, "preferred_batch", 4))
+        self.io_workers = io_workers
 
     def detect(self, image: ImageSource, classes=None, prompt: str | None = None, *,
                points: bool = False, system: str | None = None) -> Result:
@@ -96,15 +98,17 @@ class Detector:
                     window: int = 8) -> Iterator[Result]:
         """Results in input order; a bad image yields a Result with ``error`` set.
 
-        Images are read ``window`` batches ahead and grouped by model-frame size inside
-        that window, so a batch pads little; memory stays bounded by the window.
+        Images are decoded in ``io_workers`` threads while the model works, read up to
+        ``window`` batches ahead and grouped by model-frame size inside that window, so a
+        batch pads little; memory stays bounded by the window.
         """
         query = Query.make(classes, prompt, points=points, system=system)
         text = query.text(self.backend.dialect)
         size = batch_size or self.batch_size
         pending: list[tuple[int, str, Image.Image | None, str | None]] = []
-        for index, source in enumerate(images):
-            pending.append((index, *self._load(source)))
+        loaded = prefetch(images, self._load, workers=self.io_workers, ahead=size * window)
+        for index, item in enumerate(loaded):
+            pending.append((index, *item))
             if len(pending) >= size * window:
                 yield from self._run(pending, query, text, size)
                 pending = []
