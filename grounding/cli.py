@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -110,6 +111,54 @@ def parse(
     typer.echo(result.to_json())
 
 
+# -- options shared by the commands that run a model ----------------------------------
+
+Classes = Annotated[str | None, typer.Option(
+    help='Comma-separated classes to find, e.g. "person,car".')]
+Ontology = Annotated[Path | None, typer.Option(
+    help='JSON file mapping prompt phrases to class names: {"pedestrian": "person"}.')]
+Points = Annotated[bool, typer.Option("--points", help="Ask for points, not boxes.")]
+BackendKind = Annotated[str, typer.Option(
+    "--backend", help="local: transformers in this process; openai: an OpenAI-compatible "
+                      "server (vLLM, SGLang, hosted APIs).")]
+Model = Annotated[str | None, typer.Option(
+    help="local: hub id or checkpoint directory (default Qwen/Qwen2.5-VL-7B-Instruct); "
+         "openai: the served model name (default: the first the server lists).")]
+DialectOpt = Annotated[str | None, typer.Option(
+    "--dialect", help="How the model writes boxes (default: from the checkpoint's config, "
+                      "or guessed from the served model name).")]
+BatchSize = Annotated[int | None, typer.Option(
+    min=1, help="Images handed to the backend at once (local default 4; openai default "
+                "4 x concurrency).")]
+MaxNewTokens = Annotated[int, typer.Option(
+    min=1, help="Generation limit; an answer that hits it is flagged truncated.")]
+MinPixels = Annotated[int | None, typer.Option(
+    help="Pixel budget: smallest model frame (default: the dialect's, see README).")]
+MaxPixels = Annotated[int | None, typer.Option(
+    help="Pixel budget: largest model frame (default: the dialect's, see README).")]
+System = Annotated[str | None, typer.Option(help="System prompt.")]
+Device = Annotated[str | None, typer.Option(help="local: cuda, cuda:1, cpu (default: auto).")]
+BaseUrl = Annotated[str | None, typer.Option(
+    help="openai: server URL including /v1, e.g. http://gpu-box:8000/v1.")]
+ApiKeyEnv = Annotated[str | None, typer.Option(
+    help="openai: name of the environment variable holding the API key.")]
+ApiKeyHeader = Annotated[str, typer.Option(
+    help="openai: header carrying the key; Authorization sends 'Bearer KEY', any other "
+         "header (e.g. x-api-key) the bare key.")]
+Header = Annotated[list[str] | None, typer.Option(
+    help="openai: extra header 'Name: value' (repeatable).")]
+Endpoint = Annotated[str, typer.Option(
+    help="openai: path under --base-url (or a full URL) taking chat requests.")]
+Concurrency = Annotated[int, typer.Option(min=1, help="openai: requests in flight.")]
+Timeout = Annotated[float, typer.Option(help="openai: seconds per request.")]
+MaxRetries = Annotated[int, typer.Option(
+    min=0, help="openai: retries on 429, 5xx, connection errors and timeouts.")]
+TokenParam = Annotated[str, typer.Option(help="openai: max_tokens or max_completion_tokens.")]
+Logprobs = Annotated[bool, typer.Option(help="openai: ask for token log-probabilities.")]
+JsonSchema = Annotated[bool, typer.Option(
+    help="openai: ask the server for JSON-schema-constrained output (vLLM).")]
+
+
 def make_backend(kind: str, *, model: str | None, dialect: str | None, device: str | None,
                  min_pixels: int | None, max_pixels: int | None, max_new_tokens: int,
                  base_url: str | None, api_key_env: str | None, api_key_header: str,
@@ -142,63 +191,71 @@ def make_backend(kind: str, *, model: str | None, dialect: str | None, device: s
                          logprobs=logprobs, json_schema=json_schema)
 
 
+_BACKEND_ARGS = ("model", "dialect", "device", "min_pixels", "max_pixels", "max_new_tokens",
+                 "base_url", "api_key_env", "api_key_header", "header", "endpoint",
+                 "concurrency", "timeout", "max_retries", "token_param", "logprobs",
+                 "json_schema")
+
+
+def _setup(options: dict, classes: str | None, ontology: Path | None, prompt: str | None,
+           *, need_classes: bool = False):
+    """(backend, classes-or-ontology, ontology dict) from a command's options; exits 2 with
+    one line on a bad option, a missing model or an unreachable server."""
+    from grounding.detector import load_ontology
+
+    if classes is not None and ontology is not None:
+        raise typer.BadParameter("give --classes or --ontology, not both")
+    if need_classes and classes is None and ontology is None:
+        raise typer.BadParameter("give --classes or --ontology")
+    if classes is None and ontology is None and prompt is None:
+        raise typer.BadParameter("give --classes, --ontology or --prompt")
+    try:
+        mapping = load_ontology(ontology) if ontology is not None else None
+        engine = make_backend(options["backend"], **{k: options[k] for k in _BACKEND_ARGS})
+    except (GroundingError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return engine, mapping if mapping is not None else classes, mapping
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
 @app.command()
 def detect(
     images: Annotated[list[Path], typer.Argument(help="Image files to look at.")],
-    classes: Annotated[str | None, typer.Option(
-        help='Comma-separated classes to find, e.g. "person,car".')] = None,
-    ontology: Annotated[Path | None, typer.Option(
-        help='JSON file mapping prompt phrases to class names: {"pedestrian": "person"}.')
-    ] = None,
+    classes: Classes = None,
+    ontology: Ontology = None,
     prompt: Annotated[str | None, typer.Option(
         help="A referring expression to locate (\"the red car on the left\"), or with "
              "--classes/--ontology a full prompt replacing the built-in one.")] = None,
-    points: Annotated[bool, typer.Option("--points", help="Ask for points, not boxes.")] = False,
-    backend: Annotated[str, typer.Option(
-        help="local: transformers in this process; openai: an OpenAI-compatible server "
-             "(vLLM, SGLang, hosted APIs).")] = "local",
-    model: Annotated[str | None, typer.Option(
-        help="local: hub id or checkpoint directory (default Qwen/Qwen2.5-VL-7B-Instruct); "
-             "openai: the served model name (default: the first the server lists).")] = None,
-    dialect: Annotated[str | None, typer.Option(
-        help="How the model writes boxes (default: from the checkpoint's config, or guessed "
-             "from the served model name).")] = None,
-    batch_size: Annotated[int | None, typer.Option(
-        min=1, help="local: images per generate() call (default 4).")] = None,
-    max_new_tokens: Annotated[int, typer.Option(
-        min=1, help="Generation limit; an answer that hits it is flagged truncated.")] = 2048,
-    min_pixels: Annotated[int | None, typer.Option(
-        help="Pixel budget: smallest model frame (default: the dialect's, see README).")] = None,
-    max_pixels: Annotated[int | None, typer.Option(
-        help="Pixel budget: largest model frame (default: the dialect's, see README).")] = None,
-    system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
-    device: Annotated[str | None, typer.Option(
-        help="local: cuda, cuda:1, cpu (default: auto).")] = None,
-    base_url: Annotated[str | None, typer.Option(
-        help="openai: server URL including /v1, e.g. http://gpu-box:8000/v1.")] = None,
-    api_key_env: Annotated[str | None, typer.Option(
-        help="openai: name of the environment variable holding the API key.")] = None,
-    api_key_header: Annotated[str, typer.Option(
-        help="openai: header carrying the key; Authorization sends 'Bearer KEY', any other "
-             "header (e.g. x-api-key) the bare key.")] = "Authorization",
-    header: Annotated[list[str] | None, typer.Option(
-        help="openai: extra header 'Name: value' (repeatable).")] = None,
-    endpoint: Annotated[str, typer.Option(
-        help="openai: path under --base-url (or full URL) taking chat requests.")
-    ] = "/chat/completions",
-    concurrency: Annotated[int, typer.Option(min=1, help="openai: requests in flight.")] = 8,
-    timeout: Annotated[float, typer.Option(help="openai: seconds per request.")] = 120.0,
-    max_retries: Annotated[int, typer.Option(
-        min=0, help="openai: retries on 429/5xx/connection errors.")] = 5,
-    token_param: Annotated[str, typer.Option(
-        help="openai: max_tokens or max_completion_tokens.")] = "max_tokens",
-    logprobs: Annotated[bool, typer.Option(
-        help="openai: ask for token log-probabilities.")] = True,
-    json_schema: Annotated[bool, typer.Option(
-        help="openai: ask the server for JSON-schema-constrained output (vLLM).")] = False,
+    points: Points = False,
     out: Annotated[Path | None, typer.Option(
         help="Write DIR/<stem>.json and an overlay DIR/<stem>.jpg per image instead of "
              "JSON lines on stdout.")] = None,
+    backend: BackendKind = "local",
+    model: Model = None,
+    dialect: DialectOpt = None,
+    batch_size: BatchSize = None,
+    max_new_tokens: MaxNewTokens = 2048,
+    min_pixels: MinPixels = None,
+    max_pixels: MaxPixels = None,
+    system: System = None,
+    device: Device = None,
+    base_url: BaseUrl = None,
+    api_key_env: ApiKeyEnv = None,
+    api_key_header: ApiKeyHeader = "Authorization",
+    header: Header = None,
+    endpoint: Endpoint = "/chat/completions",
+    concurrency: Concurrency = 8,
+    timeout: Timeout = 120.0,
+    max_retries: MaxRetries = 5,
+    token_param: TokenParam = "max_tokens",
+    logprobs: Logprobs = True,
+    json_schema: JsonSchema = False,
 ) -> None:
     """Find classes, a referring expression, or points in images with a Qwen-VL model,
     local (transformers) or served (--backend openai --base-url URL).
@@ -207,34 +264,17 @@ def detect(
     an overlay per image. A bad image gets a record with "error" set; the others still
     run, and the exit status is 1 if any image failed.
     """
-    from rich.console import Console
     from rich.progress import Progress
 
-    from grounding.detector import Detector, load_ontology
+    from grounding.detector import Detector
 
-    if sum(x is not None for x in (classes, ontology)) > 1:
-        raise typer.BadParameter("give --classes or --ontology, not both")
-    if classes is None and ontology is None and prompt is None:
-        raise typer.BadParameter("give --classes, --ontology or --prompt")
-    try:
-        wanted = load_ontology(ontology) if ontology is not None else classes
-        engine = make_backend(
-            backend, model=model, dialect=dialect, device=device, min_pixels=min_pixels,
-            max_pixels=max_pixels, max_new_tokens=max_new_tokens, base_url=base_url,
-            api_key_env=api_key_env, api_key_header=api_key_header, header=header,
-            endpoint=endpoint, concurrency=concurrency, timeout=timeout,
-            max_retries=max_retries, token_param=token_param, logprobs=logprobs,
-            json_schema=json_schema)
-    except (GroundingError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    engine, wanted, _ = _setup(locals(), classes, ontology, prompt)
     detector = Detector(engine, batch_size=batch_size)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     failed = 0
     stems: dict[str, int] = {}
-    with Progress(transient=True, disable=len(images) < 2,
-                  console=Console(stderr=True)) as bar:
+    with Progress(transient=True, disable=len(images) < 2, console=_stderr_console()) as bar:
         task = bar.add_task("detecting", total=len(images))
         results = detector.detect_many([str(p) for p in images], wanted, prompt,
                                        points=points, system=system)
@@ -248,7 +288,7 @@ def detect(
                 stems[path.stem] = seen + 1
                 stem = path.stem if not seen else f"{path.stem}-{seen}"
                 (out / f"{stem}.json").write_text(result.to_json(indent=1) + "\n",
-                                                       encoding="utf-8")
+                                                  encoding="utf-8")
                 if result.error is None:
                     result.annotate().save(out / f"{stem}.jpg", quality=90)
             bar.advance(task)
@@ -256,3 +296,202 @@ def detect(
         typer.echo(f"error: {failed} of {len(images)} images failed (see their records)",
                    err=True)
         raise typer.Exit(1)
+
+
+FORMATS = ("coco", "yolo", "labelstudio")
+
+
+def _formats(text: str | None) -> list[str]:
+    if not text:
+        return []
+    names = [f.strip().lower() for f in text.split(",") if f.strip()]
+    bad = [f for f in names if f not in FORMATS]
+    if bad:
+        raise typer.BadParameter(f"unknown format {bad[0]!r}; choose from {', '.join(FORMATS)}",
+                                 param_hint="--format")
+    return names
+
+
+@app.command()
+def label(
+    images_dir: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory (created or resumed).")],
+    classes: Classes = None,
+    ontology: Ontology = None,
+    prompt: Annotated[str | None, typer.Option(
+        help="A full prompt replacing the built-in one for the classes.")] = None,
+    points: Points = False,
+    format: Annotated[str | None, typer.Option(
+        "--format", help="Datasets to export at the end: coco,yolo,labelstudio.")] = None,
+    val_fraction: Annotated[float, typer.Option(help="YOLO export: validation share.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="YOLO export: split seed.")] = 0,
+    shard: Annotated[str | None, typer.Option(
+        help="Label only shard I of N (I/N, e.g. 0/4): a deterministic share of the images, "
+             "for N machines into N run directories that `grounding export` merges.")] = None,
+    retry_errors: Annotated[bool, typer.Option(help="Try the images that failed again.")
+    ] = False,
+    force: Annotated[bool, typer.Option(
+        help="Start over if the configuration changed (old files are kept, renamed).")] = False,
+    backend: BackendKind = "local",
+    model: Model = None,
+    dialect: DialectOpt = None,
+    batch_size: BatchSize = None,
+    max_new_tokens: MaxNewTokens = 2048,
+    min_pixels: MinPixels = None,
+    max_pixels: MaxPixels = None,
+    system: System = None,
+    device: Device = None,
+    base_url: BaseUrl = None,
+    api_key_env: ApiKeyEnv = None,
+    api_key_header: ApiKeyHeader = "Authorization",
+    header: Header = None,
+    endpoint: Endpoint = "/chat/completions",
+    concurrency: Concurrency = 8,
+    timeout: Timeout = 120.0,
+    max_retries: MaxRetries = 5,
+    token_param: TokenParam = "max_tokens",
+    logprobs: Logprobs = True,
+    json_schema: JsonSchema = False,
+) -> None:
+    """Auto-label a folder of images into a run directory, resumably.
+
+    Writes RUN_DIR/predictions.jsonl (one record per image, flushed as results arrive),
+    RUN_DIR/errors.jsonl (images that failed, with the cause), RUN_DIR/run.json (the
+    exact configuration) and RUN_DIR/summary.json. Run the same command again after a
+    crash, Ctrl-C or kill -9: only what is missing is labelled.
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from grounding.detector import Detector, Query
+    from grounding.labeling import label as run_label
+    from grounding.runs import RunDir, parse_shard
+
+    formats = _formats(format)
+    try:
+        shard_ix = parse_shard(shard)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--shard") from None
+    if not images_dir.is_dir():
+        raise typer.BadParameter(f"{images_dir} is not a directory", param_hint="IMAGES_DIR")
+    engine, wanted, mapping = _setup(locals(), classes, ontology, prompt, need_classes=True)
+    detector = Detector(engine, batch_size=batch_size)
+    query = Query.make(wanted, prompt, points=points, system=system)
+    run = RunDir(out)
+    columns = (TextColumn("{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[rate]:.1f} img/s"),
+               TextColumn("{task.fields[objects]} objects"),
+               TextColumn("{task.fields[errors]} errors"), TimeRemainingColumn())
+    with Progress(*columns, console=_stderr_console()) as bar:
+        task = bar.add_task("labelling", total=None, rate=0.0, objects=0, errors=0)
+
+        def show(p) -> None:
+            bar.update(task, total=p.total, completed=p.done, rate=p.rate,
+                       objects=p.objects, errors=p.errors)
+
+        try:
+            summary = run_label(detector, query, images_dir, run, shard=shard_ix,
+                                retry_errors=retry_errors, force=force, ontology=mapping,
+                                on_progress=show)
+        except KeyboardInterrupt:
+            typer.echo(f"interrupted: everything finished is in {run.predictions}; run the "
+                       "same command to go on", err=True)
+            raise typer.Exit(130) from None
+        except GroundingError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+    typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+    for name in formats:
+        _export([out], name, out / "export" / name, min_score=None, copy=False,
+                val_fraction=val_fraction, seed=seed)
+    if summary["session"]["errors"]:
+        typer.echo(f"note: {summary['session']['errors']} images failed; see "
+                   f"{run.errors} (--retry-errors tries them again)", err=True)
+
+
+def _export(run_dirs: list[Path], fmt: str, out: Path, *, min_score: float | None,
+            copy: bool, val_fraction: float, seed: int) -> None:
+    from grounding.export import export_coco, export_labelstudio, export_yolo
+    from grounding.runs import RunDir
+
+    runs = [RunDir(p) for p in run_dirs]
+    try:
+        configs = [r.config() for r in runs]
+    except GroundingError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    classes = configs[0].get("classes") or []
+    roots = {c.get("images_dir") for c in configs}
+    if any((c.get("classes") or []) != classes for c in configs) or len(roots) != 1:
+        typer.echo("error: the run directories differ in classes or images folder; export "
+                   "them separately", err=True)
+        raise typer.Exit(2)
+    root = Path(roots.pop())
+
+    def records():
+        seen: set[str] = set()
+        for run in runs:
+            for record in run.records():
+                if record.get("image") not in seen:  # shards never overlap; be safe anyway
+                    seen.add(record.get("image"))
+                    yield record
+
+    if fmt == "coco":
+        stats = export_coco(records(), root, classes, out, min_score=min_score, copy=copy)
+    elif fmt == "yolo":
+        stats = export_yolo(records(), root, classes, out, val_fraction=val_fraction,
+                            seed=seed, min_score=min_score, copy=copy)
+    else:
+        stats = export_labelstudio(records(), root, classes, out, min_score=min_score)
+    typer.echo(f"{fmt}: {out} ({stats})", err=True)
+
+
+@app.command()
+def export(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (shards merge).")],
+    format: Annotated[str, typer.Option("--format", help="coco, yolo or labelstudio.")],
+    out: Annotated[Path | None, typer.Option(
+        help="Output folder (default RUN_DIR/export/FORMAT).")] = None,
+    min_score: Annotated[float | None, typer.Option(
+        help="Drop boxes scored below this (unscored boxes count as 1.0).")] = None,
+    copy: Annotated[bool, typer.Option(help="Copy images instead of linking them.")] = False,
+    val_fraction: Annotated[float, typer.Option(help="YOLO: validation share.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="YOLO: split seed.")] = 0,
+) -> None:
+    """Build a COCO, YOLO or Label Studio dataset from one or more label runs."""
+    names = _formats(format)
+    if len(names) != 1:
+        raise typer.BadParameter("give one format", param_hint="--format")
+    _export(run_dirs, names[0], out or run_dirs[0] / "export" / names[0], min_score=min_score,
+            copy=copy, val_fraction=val_fraction, seed=seed)
+
+
+@app.command(name="eval")
+def evaluate_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="A label run directory.")],
+    gt: Annotated[Path, typer.Option(help="Ground truth: a COCO json or a YOLO folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")
+    ] = False,
+) -> None:
+    """mAP@50, mAP@50:95, precision and recall per class of a run against ground truth.
+
+    Label a sample with each candidate prompt, model or pixel budget, evaluate each run
+    against a small hand-labelled set, and keep the best before labelling everything.
+    """
+    from grounding.evaluate import evaluate
+    from grounding.runs import RunDir
+
+    run = RunDir(run_dir)
+    try:
+        config = run.config()
+        report = evaluate(run.records(), config.get("classes") or [], gt,
+                          images_root=Path(config["images_dir"]))
+    except (GroundingError, OSError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(report.table())

@@ -8,6 +8,7 @@ model frame of size (w, h) covers the whole image, so a model-frame x maps to
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from grounding.dialects import Dialect, get_dialect
@@ -17,26 +18,37 @@ Size = tuple[int, int]
 """(width, height), the order images and records use throughout grounding."""
 
 
+MAX_ASPECT_RATIO = 200
+
+
 def smart_resize(width: int, height: int, *, factor: int, min_pixels: int,
                  max_pixels: int) -> Size:
     """The Qwen2/2.5/3-VL resize rule, as (width, height).
 
-    Delegates to qwen-vl-utils, whose resize the Qwen cookbooks and grounding's local
-    backend apply before the processor; on such an image the processor's own resize (in
-    transformers) is the identity, which tests/test_geometry.py checks.
+    This is qwen-vl-utils' ``smart_resize`` (the rule the Qwen cookbooks and grounding's
+    backends apply before the processor; on such an image transformers' processor resize
+    is the identity), written out here because importing qwen-vl-utils imports torch,
+    seconds that a remote labelling client or ``grounding parse`` need not pay.
+    tests/test_geometry.py proves it equal to qwen-vl-utils' own function.
     """
     if width < 1 or height < 1:
         raise GeometryError(f"image size {width}x{height} has no pixels")
     if min_pixels > max_pixels:
         raise GeometryError(f"min_pixels {min_pixels} exceeds max_pixels {max_pixels}")
-    # Imported here: qwen-vl-utils pulls in torch, seconds that `grounding parse` need not pay.
-    from qwen_vl_utils import smart_resize as _qwen_smart_resize
-
-    try:
-        h, w = _qwen_smart_resize(height, width, factor=factor, min_pixels=min_pixels,
-                                  max_pixels=max_pixels)
-    except (ValueError, AssertionError) as exc:
-        raise GeometryError(f"no model frame for a {width}x{height} image: {exc}") from None
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise GeometryError(
+            f"no model frame for a {width}x{height} image: the aspect ratio "
+            f"{max(width, height) / min(width, height):.1f} exceeds {MAX_ASPECT_RATIO}")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h = math.floor(height / beta / factor) * factor
+        w = math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
     if w < factor or h < factor:
         raise GeometryError(
             f"no model frame for a {width}x{height} image under max_pixels {max_pixels}"

@@ -477,3 +477,61 @@ _REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors",
 
 def _complete(path: Path) -> bool:
     return path.is_dir() and all((path / name).is_file() for name in _REQUIRED_FILES)
+
+
+class StaticBackend:
+    """A backend with no model, for pipeline tests, benchmarks and offline demos.
+
+    Answers every request at once (after ``delay`` seconds) with one box covering the
+    middle half of the model frame, labelled ``label``, written in the dialect's own
+    syntax, so everything after the model (parsing, geometry, records, exports) runs
+    for real. Requests whose image width is in ``fail_widths`` fail.
+    """
+
+    def __init__(self, dialect: str = "qwen2.5-vl", *, label: str = "object",
+                 delay: float = 0.0, fail_widths: frozenset[int] = frozenset()) -> None:
+        from grounding.dialects import get_dialect
+
+        self.dialect = get_dialect(dialect)
+        self.model = f"static-{self.dialect.name}"
+        self.label = label
+        self.delay = delay
+        self.fail_widths = fail_widths
+        self.max_new_tokens = 64
+
+    def frame(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        from grounding.geometry import model_frame, resolve_budget
+
+        low, high = resolve_budget(self.dialect)
+        return model_frame(self.dialect, *image_size, min_pixels=low, max_pixels=high)
+
+    def generate(self, requests: list) -> list:
+        import time
+
+        from grounding.backends.base import Generation
+
+        if self.delay:
+            time.sleep(self.delay)
+        out: list = []
+        for request in requests:
+            if request.image.width in self.fail_widths:
+                out.append(RuntimeError(f"static backend told to fail on width "
+                                        f"{request.image.width}"))
+                continue
+            w, h = self.frame(request.image.size)
+            if self.dialect.is_relative:
+                n = self.dialect.norm
+                box = [round(n / 4), round(n / 4), round(3 * n / 4), round(3 * n / 4)]
+            else:
+                box = [round(w / 4), round(h / 4), round(3 * w / 4), round(3 * h / 4)]
+            text = json.dumps([{"bbox_2d": box, "label": self.label}])
+            if self.dialect.name == "qwen2-vl":
+                text = (f"<|object_ref_start|>{self.label}<|object_ref_end|><|box_start|>"
+                        f"({box[0]},{box[1]}),({box[2]},{box[3]})<|box_end|>")
+            elif self.dialect.name == "qwen-vl":
+                text = f"<ref>{self.label}</ref><box>({box[0]},{box[1]}),({box[2]},{box[3]})</box>"
+            elif self.dialect.name == "deepseek-vl2":
+                text = f"<|ref|>{self.label}<|/ref|><|det|>[{box}]<|/det|>"
+            out.append(Generation(text=text, input_size=(w, h),
+                                  timings={"preprocess": 0.0, "generate": 0.0, "decode": 0.0}))
+        return out

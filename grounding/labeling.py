@@ -1,0 +1,154 @@
+"""Label a folder of images into a run directory: streaming, resumable, shardable."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from grounding import __version__
+from grounding.detector import Detector, Query
+from grounding.runs import JsonlWriter, RunDir, find_images, in_shard, read_jsonl
+
+
+@dataclass
+class Progress:
+    """What a session has done so far, handed to the progress callback."""
+
+    total: int = 0
+    done: int = 0
+    objects: int = 0
+    errors: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self.started
+        return self.done / elapsed if elapsed > 0 else 0.0
+
+
+def run_config(detector: Detector, query: Query, images_dir: Path, shard: tuple[int, int],
+               ontology: dict[str, str] | None = None) -> dict[str, Any]:
+    """The configuration recorded in run.json; the keys in runs.CONFIG_KEYS must match on
+    resume."""
+    backend = detector.backend
+    return {
+        "images_dir": str(images_dir.resolve()),
+        "backend": type(backend).__name__,
+        "model": backend.model,
+        "dialect": backend.dialect.name,
+        "prompt": query.text(backend.dialect),
+        "classes": query.classes.names if query.classes is not None else None,
+        "ontology": ontology,
+        "task": query.task,
+        "system": query.system,
+        "min_pixels": getattr(backend, "min_pixels", None),
+        "max_pixels": getattr(backend, "max_pixels", None),
+        "max_new_tokens": getattr(backend, "max_new_tokens", None),
+        "shard": f"{shard[0]}/{shard[1]}",
+        "grounding_version": __version__,
+    }
+
+
+def pending_images(images_dir: Path, shard: tuple[int, int], skip: set[str]) -> Iterator[str]:
+    for relative in find_images(images_dir):
+        if in_shard(relative, *shard) and relative not in skip:
+            yield relative
+
+
+def label(
+    detector: Detector,
+    query: Query,
+    images_dir: Path,
+    run: RunDir,
+    *,
+    shard: tuple[int, int] = (0, 1),
+    retry_errors: bool = False,
+    force: bool = False,
+    ontology: dict[str, str] | None = None,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> dict[str, Any]:
+    """Label every image of ``images_dir`` (this shard) not yet in the run; return the
+    summary (also written to summary.json). Ctrl-C stops cleanly: every finished image is
+    on disk, and running again goes on from there."""
+    images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise NotADirectoryError(f"{images_dir} is not a directory")
+    run.start(run_config(detector, query, images_dir, shard, ontology), force=force)
+    done = run.done()
+    skip = done if retry_errors else done | run.failed(done)
+    progress = Progress(total=sum(1 for _ in pending_images(images_dir, shard, skip)))
+    if on_progress:
+        on_progress(progress)
+    order: deque[str] = deque()
+
+    def paths() -> Iterator[str]:
+        for relative in pending_images(images_dir, shard, skip):
+            order.append(relative)
+            yield str(images_dir / relative)
+
+    predictions = JsonlWriter(run.predictions)
+    errors = JsonlWriter(run.errors)
+    interrupted = False
+    try:
+        for result in detector.detect_many(paths(), query.classes, query.prompt,
+                                           points=query.task == "points", system=query.system):
+            relative = order.popleft()
+            result.image = relative
+            if result.error:
+                errors.write({"image": relative, "error": result.error,
+                              "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                progress.errors += 1
+            else:
+                predictions.write(result.to_record())
+                progress.objects += len(result.boxes) + len(result.points)
+            progress.done += 1
+            if on_progress:
+                on_progress(progress)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        predictions.close()
+        errors.close()
+    summary = summarize(run)
+    summary["session"] = {"labelled": progress.done, "errors": progress.errors,
+                          "seconds": round(time.monotonic() - progress.started, 3),
+                          "images_per_second": round(progress.rate, 3),
+                          "interrupted": interrupted}
+    run.summary_json.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n",
+                                encoding="utf-8")
+    if interrupted:
+        raise KeyboardInterrupt
+    return summary
+
+
+def summarize(run: RunDir) -> dict[str, Any]:
+    """Counts over the whole run (every session), read back from its files."""
+    config = run.config()
+    classes = config.get("classes") or []
+    per_class: Counter[str] = Counter()
+    unmatched: Counter[str] = Counter()
+    images = objects = truncated = 0
+    for record in read_jsonl(run.predictions):
+        images += 1
+        truncated += bool(record.get("truncated"))
+        for obj in (record.get("detections") or []) + (record.get("points") or []):
+            objects += 1
+            cid = obj.get("class_id")
+            if cid is not None and 0 <= cid < len(classes):
+                per_class[classes[cid]] += 1
+            else:
+                unmatched[str(obj.get("label"))] += 1
+    failed = run.failed()
+    return {
+        "images": images,
+        "objects": objects,
+        "objects_per_class": {c: per_class.get(c, 0) for c in classes},
+        "unmatched_labels": dict(unmatched.most_common()),
+        "truncated_outputs": truncated,
+        "errors": len(failed),
+    }

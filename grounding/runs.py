@@ -1,0 +1,186 @@
+"""A labelling run directory: append-only JSON lines that survive crashes and resume.
+
+    RUN_DIR/run.json           the exact configuration (refused if it changes, see --force)
+    RUN_DIR/predictions.jsonl  one record per labelled image, appended and flushed
+    RUN_DIR/errors.jsonl       one line per image that failed, with the cause
+    RUN_DIR/summary.json       counts, rewritten at the end of every session
+
+An image is done when its record is in predictions.jsonl. A crash or ``kill -9`` can
+only leave a half-written last line, which is cut off on the next start, so that image is
+simply labelled again: nothing is lost and nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from grounding.errors import GroundingError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+
+# What must not change between sessions of one run: these decide what the labels mean.
+CONFIG_KEYS = ("images_dir", "backend", "model", "dialect", "prompt", "classes", "ontology",
+               "task", "system", "min_pixels", "max_pixels", "max_new_tokens", "shard")
+
+
+class RunConfigError(GroundingError):
+    """The run directory was made with another configuration."""
+
+
+def find_images(root: Path) -> Iterator[str]:
+    """Image paths under ``root`` (recursive, extensions case-insensitive), relative and
+    POSIX-style, in a stable order (sorted directory walk)."""
+    for directory, dirs, files in os.walk(root):
+        dirs.sort()
+        base = Path(directory).relative_to(root)
+        for name in sorted(files):
+            if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                yield (base / name).as_posix()
+
+
+def in_shard(relative: str, index: int, count: int) -> bool:
+    """Deterministic 1/count of the images, by a hash of the path: stable when images are
+    added and the same on every machine."""
+    return count <= 1 or zlib.crc32(relative.encode("utf-8")) % count == index
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    if not text:
+        return 0, 1
+    try:
+        index, count = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard takes I/N, e.g. 0/4; got {text!r}") from None
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"--shard {text}: need 0 <= I < N")
+    return index, count
+
+
+def repair_jsonl(path: Path) -> int:
+    """Cut a half-written last line (no newline: the writer was killed mid-write).
+    Returns the number of bytes removed."""
+    if not path.exists():
+        return 0
+    size = path.stat().st_size
+    if size == 0:
+        return 0
+    with path.open("rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return 0
+        # Walk back to the last newline in blocks.
+        end = size
+        keep = 0
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            block = f.read(end - start)
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                keep = start + cut + 1
+                break
+            end = start
+        f.truncate(keep)
+        return size - keep
+
+
+def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
+    """Records of a JSON-lines file; a line that is not JSON is skipped (cannot happen
+    with grounding's writer, but a hand-edited file should not stop a run)."""
+    if not path.exists():
+        return
+    with path.open("r", encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                yield record
+
+
+class JsonlWriter:
+    """Appends one line per record with a single write + flush; fsync now and then."""
+
+    def __init__(self, path: Path, fsync_every: float = 5.0) -> None:
+        self.path = path
+        self._file = path.open("a", encoding="utf-8")
+        self._fsync_every = fsync_every
+        self._last_sync = time.monotonic()
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._file.flush()
+        if time.monotonic() - self._last_sync > self._fsync_every:
+            os.fsync(self._file.fileno())
+            self._last_sync = time.monotonic()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.predictions = self.path / "predictions.jsonl"
+        self.errors = self.path / "errors.jsonl"
+        self.run_json = self.path / "run.json"
+        self.summary_json = self.path / "summary.json"
+
+    def config(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.run_json.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise GroundingError(f"{self.path} is not a grounding run (no run.json)") from None
+        except ValueError as exc:
+            raise GroundingError(f"{self.run_json} is not valid JSON: {exc}") from None
+
+    def start(self, config: dict[str, Any], *, force: bool = False) -> None:
+        """Create the run, or check that ``config`` matches the one it was made with.
+
+        With ``force`` a changed configuration starts the run over: the old files are
+        kept beside the new ones under a timestamped name, never deleted."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.run_json.exists():
+            old = self.config()
+            changed = [k for k in CONFIG_KEYS if old.get(k) != config.get(k)]
+            if changed and not force:
+                details = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in changed)
+                raise RunConfigError(
+                    f"{self.path} was labelled with another configuration ({details}). Use a "
+                    "new --out directory, or --force to start this one over (the old "
+                    "predictions are kept as predictions.<time>.jsonl)."
+                )
+            if changed:
+                stamp = time.strftime("%Y%m%d-%H%M%S")
+                for f in (self.predictions, self.errors, self.run_json, self.summary_json):
+                    if f.exists():
+                        f.rename(f.with_name(f"{f.stem}.{stamp}{f.suffix}"))
+        for f in (self.predictions, self.errors):
+            repair_jsonl(f)
+        tmp = self.run_json.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, self.run_json)
+
+    def done(self) -> set[str]:
+        return {r["image"] for r in read_jsonl(self.predictions) if "image" in r}
+
+    def failed(self, done: set[str] | None = None) -> set[str]:
+        """Images whose last word is an error (an error fixed by a later retry is not)."""
+        done = self.done() if done is None else done
+        return {r["image"] for r in read_jsonl(self.errors) if "image" in r} - done
+
+    def records(self) -> Iterator[dict[str, Any]]:
+        return read_jsonl(self.predictions)
