@@ -403,14 +403,14 @@ def label(
     typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
     for name in formats:
         _export([out], name, out / "export" / name, min_score=None, copy=False,
-                val_fraction=val_fraction, seed=seed)
+                val_fraction=val_fraction, seed=seed, overwrite=True)
     if summary["session"]["errors"]:
         typer.echo(f"note: {summary['session']['errors']} images failed; see "
                    f"{run.errors} (--retry-errors tries them again)", err=True)
 
 
 def _export(run_dirs: list[Path], fmt: str, out: Path, *, min_score: float | None,
-            copy: bool, val_fraction: float, seed: int) -> None:
+            copy: bool, val_fraction: float, seed: int, overwrite: bool) -> None:
     from grounding.export import export_coco, export_labelstudio, export_yolo
     from grounding.runs import RunDir
 
@@ -429,21 +429,26 @@ def _export(run_dirs: list[Path], fmt: str, out: Path, *, min_score: float | Non
     root = Path(roots.pop())
 
     def records():
-        seen: set[str] = set()
+        # Shards never overlap; the exporters skip (and list) a repeated image anyway.
         for run in runs:
-            for record in run.records():
-                if record.get("image") not in seen:  # shards never overlap; be safe anyway
-                    seen.add(record.get("image"))
-                    yield record
+            yield from run.records()
 
-    if fmt == "coco":
-        stats = export_coco(records(), root, classes, out, min_score=min_score, copy=copy)
-    elif fmt == "yolo":
-        stats = export_yolo(records(), root, classes, out, val_fraction=val_fraction,
-                            seed=seed, min_score=min_score, copy=copy)
-    else:
-        stats = export_labelstudio(records(), root, classes, out, min_score=min_score)
-    typer.echo(f"{fmt}: {out} ({stats})", err=True)
+    try:
+        if fmt == "coco":
+            stats = export_coco(records(), root, classes, out, min_score=min_score, copy=copy,
+                                overwrite=overwrite)
+        elif fmt == "yolo":
+            stats = export_yolo(records(), root, classes, out, val_fraction=val_fraction,
+                                seed=seed, min_score=min_score, copy=copy, overwrite=overwrite)
+        else:
+            stats = export_labelstudio(records(), root, classes, out, min_score=min_score)
+    except (FileExistsError, ValueError, OSError) as exc:
+        typer.echo(f"error: {fmt} export to {out}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    counts = {k: v for k, v in stats.to_dict().items() if v and k != "skipped"}
+    typer.echo(f"{fmt}: {out} {json.dumps(counts)}", err=True)
+    for line in stats.skipped[:20]:
+        typer.echo(f"  skipped {line}", err=True)
 
 
 @app.command()
@@ -454,7 +459,9 @@ def export(
         help="Output folder (default RUN_DIR/export/FORMAT).")] = None,
     min_score: Annotated[float | None, typer.Option(
         help="Drop boxes scored below this (unscored boxes count as 1.0).")] = None,
-    copy: Annotated[bool, typer.Option(help="Copy images instead of linking them.")] = False,
+    copy: Annotated[bool, typer.Option(
+        help="Copy images instead of linking them (supervision's COCO reader needs copies).")
+    ] = False,
     val_fraction: Annotated[float, typer.Option(help="YOLO: validation share.")] = 0.2,
     seed: Annotated[int, typer.Option(help="YOLO: split seed.")] = 0,
 ) -> None:
@@ -462,8 +469,10 @@ def export(
     names = _formats(format)
     if len(names) != 1:
         raise typer.BadParameter("give one format", param_hint="--format")
+    # RUN_DIR/export/FORMAT belongs to grounding and is rebuilt; a folder of the user's
+    # (--out) must be empty, so an export never mixes into an existing dataset.
     _export(run_dirs, names[0], out or run_dirs[0] / "export" / names[0], min_score=min_score,
-            copy=copy, val_fraction=val_fraction, seed=seed)
+            copy=copy, val_fraction=val_fraction, seed=seed, overwrite=out is None)
 
 
 @app.command(name="eval")

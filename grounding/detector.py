@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,9 @@ class Detector:
         query = Query.make(classes, prompt, points=points, system=system)
         text = query.text(self.backend.dialect)
         size = batch_size or self.batch_size
+        if hasattr(self.backend, "stream"):
+            yield from self._stream(images, query, text, size * window)
+            return
         pending: list[tuple[int, str, Image.Image | None, str | None]] = []
         loaded = prefetch(images, self._load, workers=self.io_workers, ahead=size * window)
         for index, item in enumerate(loaded):
@@ -114,6 +118,33 @@ class Detector:
                 pending = []
         if pending:
             yield from self._run(pending, query, text, size)
+
+    def _stream(self, images: Iterable[ImageSource], query: Query, text: str,
+                ahead: int) -> Iterator[Result]:
+        """For backends that keep requests in flight across the whole stream (servers):
+        no batches, no barriers; results still come out in input order."""
+        entries: deque[tuple[str, Image.Image | None, str | None]] = deque()
+
+        def requests() -> Iterator[Request]:
+            for name, image, error in prefetch(images, self._load, workers=self.io_workers,
+                                               ahead=ahead):
+                entries.append((name, image, error))
+                if image is not None:
+                    yield Request(image, text, query.system, query.task)
+
+        def failed(name: str, error: str) -> Result:
+            return Result(image=name, model=self.backend.model,
+                          dialect=self.backend.dialect.name, error=error)
+
+        for out in self.backend.stream(requests()):
+            while entries[0][1] is None:
+                name, _, error = entries.popleft()
+                yield failed(name, error)
+            name, image, _ = entries.popleft()
+            yield self._result(name, image, out, query, text)
+        while entries:
+            name, _, error = entries.popleft()
+            yield failed(name, error)
 
     @staticmethod
     def _load(source: ImageSource) -> tuple[str, Image.Image | None, str | None]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
+import contextlib
 import email.utils
 import io
 import json
@@ -20,7 +22,8 @@ import os
 import random
 import threading
 import time
-from collections.abc import Coroutine
+from collections import deque
+from collections.abc import Coroutine, Iterable, Iterator
 from typing import Any
 
 from PIL import Image
@@ -35,6 +38,12 @@ log = logging.getLogger("grounding")
 TRUNCATED_REASONS = frozenset({"length", "max_tokens", "max_length", "model_length"})
 """finish_reason values meaning "cut off"; anything else ("stop", Qianfan's "normal",
 "eos", None) is a finished answer."""
+
+
+
+
+CLIENT_CONNECTIONS = 8
+"""Requests in flight per HTTP client (see OpenAIBackend._client)."""
 
 
 class RemoteError(GroundingError):
@@ -130,6 +139,51 @@ def json_schema(task: str) -> dict[str, Any]:
             "json_schema": {"name": "grounding", "schema": {"type": "array", "items": item}}}
 
 
+class _OrderedGate:
+    """At most ``limit`` holders, admitted strictly in ticket order (tickets are handed
+    out in input order) whatever order the holders become ready in. Only the holder
+    whose turn comes is woken, so the cost per request does not grow with the queue."""
+
+    def __init__(self, limit: int) -> None:
+        self._slots = asyncio.Semaphore(limit)
+        self._issued = 0
+        self._next = 0
+        self._waiters: dict[int, asyncio.Future] = {}
+        self._skipped: set[int] = set()
+
+    def ticket(self) -> int:
+        self._issued += 1
+        return self._issued - 1
+
+    def _advance(self) -> None:
+        self._next += 1
+        while self._next in self._skipped:
+            self._skipped.discard(self._next)
+            self._next += 1
+        waiter = self._waiters.pop(self._next, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def skip(self, ticket: int) -> None:
+        if ticket == self._next:
+            self._advance()
+        else:
+            self._skipped.add(ticket)
+
+    @contextlib.asynccontextmanager
+    async def slot(self, ticket: int):
+        if ticket != self._next:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters[ticket] = waiter
+            await waiter
+        await self._slots.acquire()
+        self._advance()
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+
 class OpenAIBackend:
     """Requests to a chat-completions server, ``concurrency`` in flight, in input order.
 
@@ -196,7 +250,8 @@ class OpenAIBackend:
             raise ValueError("image_format must be png or jpeg")
         self.image_format = image_format
         self.extra_body = dict(extra_body or {})
-        self._clients: dict[int, Any] = {}
+        self._clients: dict[int, list[Any]] = {}
+        self._turn = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
         self.model = model or self._run(self._first_model())
@@ -228,52 +283,100 @@ class OpenAIBackend:
 
     # -- sync facade over a private event loop ------------------------------------------
 
-    def _run(self, coro: Coroutine) -> Any:
+    def _loop_at(self) -> asyncio.AbstractEventLoop:
+        """The private event loop, in a daemon thread of its own."""
         with self._loop_lock:
             if self._loop is None:
                 self._loop = asyncio.new_event_loop()
                 threading.Thread(target=self._loop.run_forever, daemon=True,
                                  name="grounding-remote").start()
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+            return self._loop
+
+    def _run(self, coro: Coroutine) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop_at()).result()
 
     def generate(self, requests: list[Request]) -> list[Generation | Exception]:
         return self._run(self.agenerate(requests))
 
+    def stream(self, requests: Iterable[Request]) -> Iterator[Generation | Exception]:
+        """Results in input order while ``concurrency`` requests stay in flight across the
+        whole stream (no batch barriers); at most ``preferred_batch`` are queued ahead, so
+        memory stays bounded however long ``requests`` is."""
+        loop = self._loop_at()
+        gate = _OrderedGate(self.concurrency)
+        pending: deque[concurrent.futures.Future] = deque()
+        for request in requests:
+            pending.append(asyncio.run_coroutine_threadsafe(self._gated(request, gate), loop))
+            if len(pending) >= self.preferred_batch:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
     def close(self) -> None:
-        if self._loop is not None:
+        """Close the HTTP connections and stop the private event loop."""
+        with self._loop_lock:
             loop, self._loop = self._loop, None
-            loop.call_soon_threadsafe(loop.stop)
+        if loop is None:
+            return
+        clients = self._clients.pop(id(loop), [])
+
+        async def shutdown() -> None:
+            await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
 
     # -- async core ---------------------------------------------------------------------
 
     def _client(self) -> Any:
-        """One AsyncOpenAI client per event loop (its connection pool is bound to it)."""
+        """An AsyncOpenAI client of the running event loop (pools are bound to a loop).
+
+        Requests rotate over one client per CLIENT_CONNECTIONS in flight: an HTTP pool
+        checks every one of its connections on each request, so several small pools cost
+        less CPU than one large one at high concurrency (measured with bench/remote.py)."""
         import openai
 
         loop_id = id(asyncio.get_running_loop())
-        client = self._clients.get(loop_id)
-        if client is None:
-            client = openai.AsyncOpenAI(
-                base_url=self.base_url, api_key=self._key or "none",
-                default_headers=self._headers,
-                timeout=self.timeout, max_retries=0,
-            )
-            self._clients[loop_id] = client
-        return client
+        clients = self._clients.get(loop_id)
+        if clients is None:
+            count = max(1, -(-self.concurrency // CLIENT_CONNECTIONS))
+            clients = [openai.AsyncOpenAI(base_url=self.base_url, api_key=self._key or "none",
+                                          default_headers=self._headers, timeout=self.timeout,
+                                          max_retries=0) for _ in range(count)]
+            self._clients[loop_id] = clients
+        self._turn += 1
+        return clients[self._turn % len(clients)]
 
     async def agenerate(self, requests: list[Request]) -> list[Generation | Exception]:
-        gate = asyncio.Semaphore(self.concurrency)
+        gate = _OrderedGate(self.concurrency)
+        return list(await asyncio.gather(*(self._gated(r, gate) for r in requests)))
 
-        async def one(request: Request) -> Generation | Exception:
-            async with gate:
-                try:
-                    return await self._request(request)
-                except RemoteError as exc:
-                    return exc
-                except Exception as exc:  # a bug or an unexpected answer: that image only
-                    return RemoteError(self._scrub(f"{type(exc).__name__}: {exc}"))
+    def _prepare(self, request: Request) -> tuple[Size, str, float]:
+        started = time.perf_counter()
+        frame = self.frame(request.image.size)
+        url = _encode(request.image, frame, self.image_format)
+        return frame, url, time.perf_counter() - started
 
-        return list(await asyncio.gather(*(one(r) for r in requests)))
+    async def _gated(self, request: Request, gate: _OrderedGate) -> Generation | Exception:
+        """Encode (in a worker thread) before taking a slot, so that when a slot frees the
+        next body is ready and a wave of answers does not wait on a queue of encodes.
+        Slots are taken in input order: requests are sent in the order they came."""
+        ticket = gate.ticket()  # before any await: tickets follow input order
+        try:
+            frame, url, seconds = await asyncio.to_thread(self._prepare, request)
+        except Exception as exc:
+            gate.skip(ticket)
+            return RemoteError(self._scrub(f"cannot prepare the image: {exc}"))
+        try:
+            async with gate.slot(ticket):
+                generation = await self._request(request, frame, url)
+            generation.timings["preprocess"] = seconds
+            return generation
+        except RemoteError as exc:
+            return exc
+        except Exception as exc:  # a bug or an unexpected answer: that image only
+            return RemoteError(self._scrub(f"{type(exc).__name__}: {exc}"))
 
     async def _first_model(self) -> str:
         text = await self._call(lambda c: c.get("/models", cast_to=str, options=self._options()),
@@ -283,11 +386,8 @@ class OpenAIBackend:
         except (ValueError, KeyError, IndexError, TypeError):
             raise RemoteError(f"{self.base_url}/models lists no model: pass --model") from None
 
-    async def _request(self, request: Request) -> Generation:
-        frame = self.frame(request.image.size)
-        started = time.perf_counter()
-        url = await asyncio.to_thread(_encode, request.image, frame, self.image_format)
-        encoded = time.perf_counter()
+    async def _request(self, request: Request, frame: Size, url: str) -> Generation:
+        sent = time.perf_counter()
         body = self._body(request, url)
         try:
             text = await self._post(body)
@@ -300,8 +400,8 @@ class OpenAIBackend:
             body.pop("logprobs", None)
             text = await self._post(body)
         generation = self._generation(text, frame)
-        generation.timings = {"preprocess": encoded - started,
-                              "generate": time.perf_counter() - encoded, "decode": 0.0}
+        generation.timings = {"preprocess": 0.0, "generate": time.perf_counter() - sent,
+                              "decode": 0.0}
         return generation
 
     def _body(self, request: Request, image_url: str) -> dict[str, Any]:

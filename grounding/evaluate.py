@@ -1,0 +1,392 @@
+"""Score labelling records against ground truth: COCO mAP plus precision/recall per class.
+
+mAP comes from pycocotools' COCOeval (bbox), the reference every detector reports
+against. Precision and recall at IoU 0.5 come from a greedy one-to-one match by score,
+because a VLM's boxes mostly carry no score (null counts as 1.0): AP ranks boxes by
+score, so for unscored boxes the operating point (how many found, how many wrong) says
+more than the area under a curve that has a single point.
+
+Only images present on both sides are scored: a ground-truth image without a record was
+never labelled, and a record without ground truth cannot be judged; both are counted.
+Ground-truth categories are mapped to grounding's classes by name, ignoring case; those
+that match no class are listed and left out, as are classes the ground truth lacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+
+IOU = 0.5
+MAX_LISTED = 20
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff",
+                              ".dng", ".mpo"})
+
+
+@dataclass
+class ClassReport:
+    name: str
+    class_id: int
+    in_gt: bool
+    """False when the ground truth has no category of this name: nothing to score."""
+    gt: int = 0
+    predicted: int = 0
+    true_positives: int = 0
+    ap50: float | None = None
+    ap50_95: float | None = None
+    precision: float | None = None
+    recall: float | None = None
+
+
+@dataclass
+class EvalReport:
+    map50: float | None
+    map50_95: float | None
+    precision: float | None
+    """All scored classes pooled, at IoU 0.5."""
+    recall: float | None
+    classes: list[ClassReport]
+    images_matched: int
+    gt_images_unmatched: int
+    """Ground-truth images with no record (never labelled, or labelled with an error)."""
+    records_unmatched: int
+    """Records whose image is not in the ground truth (or duplicates a matched one)."""
+    records_skipped: int
+    """Records with an error or without a size."""
+    size_mismatches: int
+    """Matched images whose record size differs from the ground truth's: left out."""
+    predictions_without_class: int
+    gt_classes_not_in_list: list[str]
+    classes_not_in_gt: list[str]
+    examples: list[str] = field(default_factory=list)
+    """A few unmatched or mismatched paths, to see what went wrong."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self):
+        """A rich Table: one row per class, then all classes."""
+        from rich.table import Table
+
+        def f(v: float | None) -> str:
+            return "-" if v is None else f"{v:.3f}"
+
+        table = Table(title="Detection quality", caption=(
+            f"{self.images_matched} images scored, {self.gt_images_unmatched} ground-truth "
+            f"images without a record, {self.records_unmatched} records without ground "
+            f"truth, {self.records_skipped} records skipped, {self.size_mismatches} size "
+            "mismatches"))
+        for name in ("class", "GT", "pred", "AP50", "AP50:95", "P@.5", "R@.5"):
+            table.add_column(name, justify="left" if name == "class" else "right")
+        for c in self.classes:
+            name = c.name if c.in_gt else f"{c.name} (not in GT)"
+            table.add_row(name, str(c.gt), str(c.predicted), f(c.ap50), f(c.ap50_95),
+                          f(c.precision), f(c.recall))
+        table.add_row("all", str(sum(c.gt for c in self.classes)),
+                      str(sum(c.predicted for c in self.classes)), f(self.map50),
+                      f(self.map50_95), f(self.precision), f(self.recall), style="bold")
+        for name in self.gt_classes_not_in_list:
+            table.add_row(f"{name} (GT only)", "-", "-", "-", "-", "-", "-", style="dim")
+        return table
+
+
+@dataclass
+class _Image:
+    relative: str
+    width: int
+    height: int
+    boxes: list[tuple[int, float, float, float, float, bool]] = field(default_factory=list)
+    """class index, x1, y1, x2, y2, iscrowd"""
+
+
+def evaluate(records: Iterable[dict[str, Any]], class_names: list[str], gt: Path, *,
+             images_root: Path | None = None) -> EvalReport:
+    """Score ``records`` against ``gt``: a COCO json file, or a YOLO dataset directory
+    (``data.yaml``, ``images/``, ``labels/``). ``images_root`` turns absolute image paths
+    (in records or COCO ``file_name``) into the relative ones matching uses."""
+    names = [str(n) for n in class_names]
+    gt = Path(gt)
+    root = None if images_root is None else Path(images_root)
+    if gt.is_dir():
+        gt_images, gt_names = _load_yolo(gt)
+    else:
+        gt_images, gt_names = _load_coco(gt, root)
+    index = {n.lower(): i for i, n in enumerate(names)}
+    gt_to_class = {g: index.get(n.lower()) for g, n in gt_names.items()}
+    in_gt = {c for c in gt_to_class.values() if c is not None}
+    for image in gt_images:
+        image.boxes = [(gt_to_class[b[0]], *b[1:]) for b in image.boxes
+                       if gt_to_class.get(b[0]) is not None]
+
+    find = _Matcher(gt_images)
+    preds: dict[int, list[tuple[int, float, float, float, float, float]]] = {}
+    skipped = unmatched = mismatched = without_class = 0
+    examples: list[str] = []
+    for record in records:
+        if record.get("error") or record.get("width") is None:
+            skipped += 1
+            continue
+        relative = _relative(str(record.get("image") or ""), root)
+        g = find(relative)
+        if g is None or g in preds:
+            unmatched += 1
+            _note(examples, f"no ground truth for {relative}")
+            continue
+        image = gt_images[g]
+        if (int(record["width"]), int(record["height"])) != (image.width, image.height):
+            mismatched += 1
+            _note(examples, f"{relative}: record {record['width']}x{record['height']}, "
+                            f"ground truth {image.width}x{image.height}")
+            preds[g] = []
+            find.exclude(g)
+            continue
+        boxes = []
+        for det in record.get("detections") or []:
+            if det.get("class_id") is None:
+                without_class += 1
+                continue
+            score = 1.0 if det.get("score") is None else float(det["score"])
+            boxes.append((int(det["class_id"]), *map(float, det["bbox"]), score))
+        preds[g] = boxes
+    matched = [g for g in preds if not find.excluded(g)]
+    reports = [ClassReport(n, i, i in in_gt) for i, n in enumerate(names)]
+    for g in matched:
+        for b in gt_images[g].boxes:
+            reports[b[0]].gt += 0 if b[5] else 1
+        for p in preds[g]:
+            if 0 <= p[0] < len(names):
+                reports[p[0]].predicted += 1
+    scored = sorted(in_gt)
+    map50, map50_95 = _coco_eval(gt_images, preds, matched, scored, reports)
+    tp = fp = n_gt = 0
+    for c in scored:
+        c_tp, c_fp = _greedy(gt_images, preds, matched, c)
+        r = reports[c]
+        r.true_positives = c_tp
+        r.precision = c_tp / (c_tp + c_fp) if c_tp + c_fp else None
+        r.recall = c_tp / r.gt if r.gt else None
+        tp, fp, n_gt = tp + c_tp, fp + c_fp, n_gt + r.gt
+    for g in range(len(gt_images)):
+        if g not in preds:
+            _note(examples, f"no record for ground-truth image {gt_images[g].relative}")
+    return EvalReport(
+        map50=map50, map50_95=map50_95,
+        precision=tp / (tp + fp) if tp + fp else None, recall=tp / n_gt if n_gt else None,
+        classes=reports, images_matched=len(matched),
+        gt_images_unmatched=len(gt_images) - len(preds), records_unmatched=unmatched,
+        records_skipped=skipped, size_mismatches=mismatched,
+        predictions_without_class=without_class,
+        gt_classes_not_in_list=sorted({gt_names[g] for g, c in gt_to_class.items() if c is None}),
+        classes_not_in_gt=[n for i, n in enumerate(names) if i not in in_gt],
+        examples=examples)
+
+
+def _note(examples: list[str], text: str) -> None:
+    if len(examples) < MAX_LISTED:
+        examples.append(text)
+
+
+def _relative(path: str, root: Path | None) -> str:
+    p = PurePosixPath(path.replace("\\", "/"))
+    if p.is_absolute() and root is not None:
+        with contextlib.suppress(ValueError):
+            p = PurePosixPath(Path(str(p)).resolve().relative_to(root.resolve()).as_posix())
+    return p.as_posix()
+
+
+class _Matcher:
+    """Ground-truth image for a record path: the exact relative path, then the path under
+    a split folder (YOLO images/train/...), then the flattened name grounding's YOLO
+    export writes (a/b.jpg -> a__b.jpg), then the bare file name; a name shared by two
+    ground-truth images is never used."""
+
+    def __init__(self, images: list[_Image]) -> None:
+        self.by_path: dict[str, int] = {}
+        self.by_sub: dict[str, int | None] = {}
+        self.by_name: dict[str, int | None] = {}
+        self._excluded: set[int] = set()
+        for g, image in enumerate(images):
+            parts = PurePosixPath(image.relative).parts
+            self.by_path.setdefault(image.relative, g)
+            if len(parts) > 1:
+                sub = "/".join(parts[1:])
+                self.by_sub[sub] = None if sub in self.by_sub else g
+            self.by_name[parts[-1]] = None if parts[-1] in self.by_name else g
+
+    def __call__(self, relative: str) -> int | None:
+        for key, table in ((relative, self.by_path), (relative, self.by_sub),
+                           (relative.replace("/", "__"), self.by_name),
+                           (PurePosixPath(relative).name, self.by_name)):
+            g = table.get(key)
+            if g is not None:
+                return g
+        return None
+
+    def exclude(self, g: int) -> None:
+        self._excluded.add(g)
+
+    def excluded(self, g: int) -> bool:
+        return g in self._excluded
+
+
+def _load_coco(path: Path, root: Path | None) -> tuple[list[_Image], dict[int, str]]:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    names = {int(c["id"]): str(c["name"]) for c in data.get("categories") or []}
+    images: list[_Image] = []
+    slot: dict[int, int] = {}
+    for im in data.get("images") or []:
+        slot[int(im["id"])] = len(images)
+        images.append(_Image(_relative(str(im["file_name"]), root), int(im["width"]),
+                             int(im["height"])))
+    for ann in data.get("annotations") or []:
+        g = slot.get(int(ann["image_id"]))
+        if g is None:
+            continue
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        images[g].boxes.append((int(ann["category_id"]), x, y, x + w, y + h,
+                                bool(ann.get("iscrowd", 0))))
+    return images, names
+
+
+def _load_yolo(root: Path) -> tuple[list[_Image], dict[int, str]]:
+    """An Ultralytics detection dataset: every image under images/ (any depth), its label
+    at the same path under labels/ with .txt; sizes as displayed (EXIF applied), the frame
+    Ultralytics normalises against. Polygon rows count as their enclosing box."""
+    import yaml  # a dependency of supervision
+    from PIL import Image
+
+    spec = yaml.safe_load((root / "data.yaml").read_text(encoding="utf-8")) or {}
+    raw = spec.get("names") or {}
+    names = {int(k): str(v) for k, v in (raw.items() if isinstance(raw, dict)
+                                         else enumerate(raw))}
+    images: list[_Image] = []
+    image_dir = root / "images"
+    for path in sorted(p for p in image_dir.rglob("*")
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+        relative = path.relative_to(image_dir).as_posix()
+        with Image.open(path) as im:
+            w, h = im.size
+            if im.getexif().get(0x0112) in (5, 6, 7, 8):
+                w, h = h, w
+        image = _Image(relative, w, h)
+        label = (root / "labels" / relative).with_suffix(".txt")
+        if label.is_file():
+            for line in label.read_text(encoding="utf-8").splitlines():
+                values = line.split()
+                if len(values) < 5:
+                    continue
+                nums = [float(v) for v in values[1:]]
+                if len(nums) in (4, 5):  # a box, maybe with a trailing confidence
+                    cx, cy, bw, bh = nums[:4]
+                    x1, y1, x2, y2 = cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2
+                else:
+                    xs, ys = nums[0::2], nums[1::2]
+                    x1, y1, x2, y2 = min(xs), min(ys), max(xs), max(ys)
+                image.boxes.append((int(values[0]), x1 * w, y1 * h, x2 * w, y2 * h, False))
+        images.append(image)
+    return images, names
+
+
+def _coco_eval(gt_images: list[_Image], preds: dict[int, list], matched: list[int],
+               scored: list[int], reports: list[ClassReport]) -> tuple[float | None,
+                                                                       float | None]:
+    """COCOeval bbox over the matched images and the classes both sides know; fills the
+    per-class AP in ``reports`` and returns (mAP@50, mAP@50:95)."""
+    if not matched or not scored:
+        return None, None
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    categories = [{"id": c + 1, "name": str(c)} for c in scored]
+    images = [{"id": g + 1, "width": gt_images[g].width, "height": gt_images[g].height}
+              for g in matched]
+    truth, found = [], []
+    most, known = 0, set(scored)
+    for g in matched:
+        for c, x1, y1, x2, y2, crowd in gt_images[g].boxes:
+            truth.append({"id": len(truth) + 1, "image_id": g + 1, "category_id": c + 1,
+                          "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                          "iscrowd": int(crowd)})
+        kept = [p for p in preds[g] if p[0] in known]
+        most = max(most, len(kept))
+        for c, x1, y1, x2, y2, score in kept:
+            found.append({"id": len(found) + 1, "image_id": g + 1, "category_id": c + 1,
+                          "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
+                          "iscrowd": 0, "score": score})
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
+        coco_gt, coco_dt = COCO(), COCO()
+        coco_gt.dataset = {"images": images, "categories": categories, "annotations": truth}
+        coco_dt.dataset = {"images": images, "categories": categories, "annotations": found}
+        coco_gt.createIndex()
+        coco_dt.createIndex()
+        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev.params.imgIds = [g + 1 for g in matched]
+        ev.params.catIds = [c + 1 for c in scored]
+        # Never cut a VLM's answer at COCO's 100 boxes per image.
+        ev.params.maxDets = [1, 10, max(100, most)]
+        ev.evaluate()
+        ev.accumulate()
+    precision = ev.eval["precision"][:, :, :, 0, -1]  # [IoU, recall, class], area all
+    for k, c in enumerate(scored):
+        reports[c].ap50 = _mean(precision[0, :, k])
+        reports[c].ap50_95 = _mean(precision[:, :, k])
+    return _mean(precision[0]), _mean(precision)
+
+
+def _mean(values: np.ndarray) -> float | None:
+    valid = values[values > -1]
+    return float(valid.mean()) if valid.size else None
+
+
+def _greedy(gt_images: list[_Image], preds: dict[int, list], matched: list[int],
+            c: int) -> tuple[int, int]:
+    """(true positives, false positives) of class ``c`` at IoU >= 0.5: boxes taken in
+    score order, each to the unmatched ground truth it overlaps most. A box on a crowd
+    region is neither (as in COCO)."""
+    tp = fp = 0
+    for g in matched:
+        truth = [b[1:5] for b in gt_images[g].boxes if b[0] == c and not b[5]]
+        crowd = [b[1:5] for b in gt_images[g].boxes if b[0] == c and b[5]]
+        found = sorted((p for p in preds[g] if p[0] == c), key=lambda p: -p[5])
+        taken: set[int] = set()
+        for p in found:
+            ious = _iou(p[1:5], truth)
+            best, best_iou = -1, IOU
+            for j, v in enumerate(ious):
+                if j not in taken and v >= best_iou:
+                    best, best_iou = j, v
+            if best >= 0:
+                taken.add(best)
+                tp += 1
+            elif not any(_ioa(p[1:5], r) >= IOU for r in crowd):
+                fp += 1
+    return tp, fp
+
+
+def _iou(box: tuple[float, ...], others: list[tuple[float, ...]]) -> list[float]:
+    out = []
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    for o in others:
+        inter = _inter(box, o)
+        union = area + (o[2] - o[0]) * (o[3] - o[1]) - inter
+        out.append(inter / union if union > 0 else 0.0)
+    return out
+
+
+def _ioa(box: tuple[float, ...], region: tuple[float, ...]) -> float:
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    return _inter(box, region) / area if area > 0 else 0.0
+
+
+def _inter(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    return max(w, 0.0) * max(h, 0.0)
+

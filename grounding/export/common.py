@@ -1,0 +1,305 @@
+"""What every exporter shares: which records, boxes and points go out, and where images go.
+
+Exporters stream: they take records one at a time and keep nothing per image, so memory
+stays flat however many images a run labelled. The only per-image state is on disk; an
+export directory must therefore start empty (``overwrite=True`` clears a previous one),
+and then a target file that already exists means two records claim the same output name
+(a duplicate record, or two images that flatten to one name), which is skipped and
+reported instead of silently overwriting an image with another's labels.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any, NamedTuple
+
+from PIL import Image, ImageOps
+
+from grounding.images import _pil_limit_lock
+
+EXIF_ORIENTATION = 0x0112
+MAX_LISTED = 1000
+"""At most this many skipped images are named in ``ExportStats.skipped``; all are counted."""
+
+
+@dataclass
+class ExportStats:
+    """What an export wrote and what it left out, and why."""
+
+    images: int = 0
+    boxes: int = 0
+    boxes_below_min_score: int = 0
+    boxes_without_class: int = 0
+    """Boxes whose label matched no class (``class_id`` null): no category to file them."""
+    points: int = 0
+    points_below_min_score: int = 0
+    points_without_class: int = 0
+    points_not_supported: int = 0
+    """Points the format cannot hold (YOLO detection labels)."""
+    records_with_error: int = 0
+    records_without_size: int = 0
+    """Records with ``width`` null: coordinates are in the model frame, not the image's."""
+    images_missing: int = 0
+    images_unusable: int = 0
+    """Unreadable, size differs from the record, outside the images root, or output name
+    already taken by an earlier record."""
+    upright_copies: int = 0
+    """EXIF-rotated sources written as upright files instead of linked."""
+    skipped: list[str] = field(default_factory=list)
+    """``"path: reason"`` for the first MAX_LISTED images skipped as missing or unusable."""
+
+    def skip(self, path: str, reason: str, *, missing: bool = False) -> None:
+        if missing:
+            self.images_missing += 1
+        else:
+            self.images_unusable += 1
+        if len(self.skipped) < MAX_LISTED:
+            self.skipped.append(f"{path}: {reason}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class ExportBox(NamedTuple):
+    class_id: int
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    score: float | None
+
+
+class ExportPoint(NamedTuple):
+    class_id: int
+    x: float
+    y: float
+    score: float | None
+
+
+@dataclass(frozen=True)
+class Item:
+    """One record whose image is on disk and agrees with it."""
+
+    record: dict[str, Any]
+    relative: str
+    """Path relative to the images root, POSIX style."""
+    source: Path
+    """Absolute: the images root resolved, then the relative path."""
+    width: int
+    height: int
+    orientation: int
+    """EXIF orientation of the source file; 1 when absent or meaningless."""
+
+
+def check_class_names(class_names: list[str]) -> list[str]:
+    names = [str(n) for n in class_names]
+    if len(set(names)) != len(names):
+        raise ValueError(f"class names must be unique: {names}")
+    return names
+
+
+def prepare_dir(path: Path, *, overwrite: bool, keep: Path) -> None:
+    """Make ``path`` an empty directory; refuse to reuse a non-empty one unless
+    ``overwrite``, and never delete a tree that holds ``keep`` (the source images)."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise FileExistsError(f"{path} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{path} holds a previous export; pass overwrite=True to replace it")
+        resolved, source = path.resolve(), keep.resolve()
+        if source == resolved or resolved in source.parents:
+            raise ValueError(f"refusing to delete {path}: it contains the images root {keep}")
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _relative(image: str, images_root: Path) -> str | None:
+    """The record's image path relative to the root, or None if it points outside it."""
+    path = PurePosixPath(str(image).replace("\\", "/"))
+    if path.is_absolute():
+        try:
+            path = PurePosixPath(Path(str(path)).resolve().relative_to(images_root.resolve())
+                                 .as_posix())
+        except ValueError:
+            return None
+    if ".." in path.parts or not path.parts or str(path) == ".":
+        return None
+    return path.as_posix()
+
+
+def _open_header(path: Path) -> Image.Image:
+    """Open without PIL's pixel-count limit: only the header is read here, and the
+    labelling run already applied (and may have raised) grounding's own limit."""
+    with _pil_limit_lock, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _orientation(image: Image.Image, path: Path) -> int:
+    if image.format == "PNG" and "exif" not in image.info:
+        # An eXIf chunk after the pixels: Pillow's getexif() would decode the whole image
+        # to reach it, so walk the chunk headers instead.
+        exif = Image.Exif()
+        exif.load(_png_late_exif(path))
+    else:
+        exif = image.getexif()
+    value = exif.get(EXIF_ORIENTATION)
+    return value if isinstance(value, int) and 2 <= value <= 8 else 1
+
+
+def _png_late_exif(path: Path) -> bytes:
+    with path.open("rb") as f:
+        f.seek(8)  # signature
+        while header := f.read(8):
+            if len(header) < 8:
+                break
+            length, kind = int.from_bytes(header[:4], "big"), header[4:]
+            if kind == b"eXIf":
+                return f.read(length)
+            if kind == b"IEND":
+                break
+            f.seek(length + 4, os.SEEK_CUR)  # data and CRC
+    return b""
+
+
+def iter_items(records: Iterable[dict[str, Any]], images_root: Path,
+               stats: ExportStats) -> Iterator[Item]:
+    """The records that can be exported, in order; the rest are counted in ``stats``.
+
+    Each image's header is read (not its pixels) to check the displayed size against the
+    record: a mismatch means the file changed or the root is wrong, and the boxes would
+    land in the wrong place.
+    """
+    images_root = Path(images_root)
+    resolved_root = images_root.resolve()
+    for record in records:
+        if record.get("error"):
+            stats.records_with_error += 1
+            continue
+        if record.get("width") is None or record.get("height") is None:
+            stats.records_without_size += 1
+            continue
+        image = record.get("image")
+        relative = _relative(image, images_root) if image else None
+        if relative is None:
+            stats.skip(str(image), "not a path inside the images root")
+            continue
+        source = resolved_root / relative
+        if not source.is_file():
+            stats.skip(relative, f"no such file {source}", missing=True)
+            continue
+        try:
+            with _open_header(source) as im:
+                w, h = im.size
+                orientation = _orientation(im, source)
+        except (OSError, SyntaxError, ValueError) as exc:
+            stats.skip(relative, f"unreadable ({exc})")
+            continue
+        if orientation >= 5:
+            w, h = h, w
+        width, height = int(record["width"]), int(record["height"])
+        if (w, h) != (width, height):
+            stats.skip(relative, f"displayed size {w}x{h} on disk, record says "
+                                 f"{width}x{height}")
+            continue
+        yield Item(record, relative, source, width, height, orientation)
+
+
+def _kept(score: Any, min_score: float | None) -> bool:
+    """Score None means the model gave none (VLM boxes are unscored): kept, as 1.0."""
+    return min_score is None or (1.0 if score is None else float(score)) >= min_score
+
+
+def _class_id(value: Any, n_classes: int, image: str) -> int | None:
+    if value is None:
+        return None
+    class_id = int(value)
+    if not 0 <= class_id < n_classes:
+        raise ValueError(f"{image}: class_id {class_id} is outside the class list of "
+                         f"{n_classes} names; export with the class list the run used")
+    return class_id
+
+
+def select_boxes(item: Item, n_classes: int, min_score: float | None,
+                 stats: ExportStats) -> list[ExportBox]:
+    """The item's boxes that go out, counted; boxes without a class or below
+    ``min_score`` are counted and dropped."""
+    kept: list[ExportBox] = []
+    for det in item.record.get("detections") or []:
+        class_id = _class_id(det.get("class_id"), n_classes, item.relative)
+        if class_id is None:
+            stats.boxes_without_class += 1
+            continue
+        score = det.get("score")
+        if not _kept(score, min_score):
+            stats.boxes_below_min_score += 1
+            continue
+        x1, y1, x2, y2 = (float(v) for v in det["bbox"])
+        if not all(map(math.isfinite, (x1, y1, x2, y2))):
+            raise ValueError(f"{item.relative}: box {det['bbox']} is not finite")
+        kept.append(ExportBox(class_id, x1, y1, x2, y2, None if score is None else float(score)))
+    stats.boxes += len(kept)
+    return kept
+
+
+def select_points(item: Item, n_classes: int, min_score: float | None,
+                  stats: ExportStats) -> list[ExportPoint]:
+    kept: list[ExportPoint] = []
+    for pt in item.record.get("points") or []:
+        class_id = _class_id(pt.get("class_id"), n_classes, item.relative)
+        if class_id is None:
+            stats.points_without_class += 1
+            continue
+        score = pt.get("score")
+        if not _kept(score, min_score):
+            stats.points_below_min_score += 1
+            continue
+        x, y = (float(v) for v in pt["point"])
+        kept.append(ExportPoint(class_id, x, y, None if score is None else float(score)))
+    stats.points += len(kept)
+    return kept
+
+
+def taken(path: Path) -> bool:
+    return os.path.lexists(path)
+
+
+def place_image(item: Item, dst: Path, *, copy: bool, stats: ExportStats) -> None:
+    """Put the image at ``dst``: an upright re-encoded copy when the file carries an EXIF
+    rotation (see the package docstring), else a byte copy or an absolute symlink."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if item.orientation != 1:
+        write_upright(item.source, dst)
+        stats.upright_copies += 1
+    elif copy:
+        shutil.copy2(item.source, dst)
+    else:
+        os.symlink(item.source, dst)
+
+
+def write_upright(source: Path, dst: Path) -> None:
+    """The displayed image, EXIF orientation removed (other EXIF kept), in the source's
+    format; JPEG at quality 95, the least loss a re-encode allows at a sane size."""
+    with _open_header(source) as im:
+        fmt = "JPEG" if im.format in ("JPEG", "MPO") else im.format
+        icc = im.info.get("icc_profile")
+        upright = ImageOps.exif_transpose(im)
+        exif = upright.getexif()
+        exif.pop(EXIF_ORIENTATION, None)
+        options: dict[str, Any] = {"exif": exif.tobytes()}
+        if icc:
+            options["icc_profile"] = icc
+        if fmt == "JPEG":
+            options["quality"] = 95
+        upright.save(dst, format=fmt, **options)

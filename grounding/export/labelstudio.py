@@ -1,0 +1,103 @@
+"""Label Studio pre-annotations: ``out/tasks.json`` and the matching ``out/label_config.xml``.
+
+Each task is ``{"data": {"image": URL}, "predictions": [...]}`` in Label Studio's
+pre-annotation format (labelstud.io/guide/predictions): rectangles and keypoints in
+percent of the displayed image, with ``original_width``/``original_height``. The
+``from_name``/``to_name`` values are the tag names of ``label_config.xml``; paste that
+config into the project, or edit both together.
+
+URL: ``url_prefix`` + the relative path, percent-encoded (a ``#`` or ``?`` in a file
+name would otherwise cut the URL). The default prefix is Label Studio's local-files
+serving; the path after ``?d=`` is relative to LOCAL_FILES_DOCUMENT_ROOT, so pass e.g.
+``/data/local-files/?d=photos/`` when the images root is ``$ROOT/photos``.
+
+Images are not copied. Label Studio shows an image the way the browser decodes it, and
+browsers apply EXIF orientation by default (CSS ``image-orientation: from-image``), so
+the displayed frame the records use is the one annotators see; Label Studio users report
+EXIF-rotated photos displayed upright (HumanSignal/label-studio-ml-backend#535). This is
+the one exporter that relies on the reader applying EXIF; it has not been checked
+against a running Label Studio here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+from xml.sax.saxutils import escape
+
+from grounding.export.common import (
+    ExportStats,
+    check_class_names,
+    iter_items,
+    select_boxes,
+    select_points,
+)
+
+IMAGE_TAG, RECT_TAG, POINT_TAG = "image", "label", "keypoint"
+POINT_WIDTH = 0.5
+"""Keypoint size in percent of the image width, as Label Studio stores it."""
+
+
+def export_labelstudio(records: Iterable[dict[str, Any]], images_root: Path,
+                       class_names: list[str], out: Path, *, min_score: float | None = None,
+                       url_prefix: str = "/data/local-files/?d=") -> ExportStats:
+    """Write ``out/tasks.json`` (streamed) and ``out/label_config.xml``."""
+    names = check_class_names(class_names)
+    images_root, out = Path(images_root), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stats = ExportStats()
+    path = out / "tasks.json"
+    partial = path.with_name(path.name + ".partial")
+    with partial.open("w", encoding="utf-8") as f:
+        f.write("[")
+        for item in iter_items(records, images_root, stats):
+            boxes = select_boxes(item, len(names), min_score, stats)
+            points = select_points(item, len(names), min_score, stats)
+            w, h, n = item.width, item.height, stats.images
+            result: list[dict[str, Any]] = []
+            for i, b in enumerate(boxes):
+                value = {"x": 100 * b.x1 / w, "y": 100 * b.y1 / h,
+                         "width": 100 * (b.x2 - b.x1) / w, "height": 100 * (b.y2 - b.y1) / h,
+                         "rotation": 0, "rectanglelabels": [names[b.class_id]]}
+                result.append(_result(f"{n}-b{i}", "rectanglelabels", RECT_TAG, w, h, value,
+                                      b.score))
+            for i, p in enumerate(points):
+                value = {"x": 100 * p.x / w, "y": 100 * p.y / h, "width": POINT_WIDTH,
+                         "keypointlabels": [names[p.class_id]]}
+                result.append(_result(f"{n}-p{i}", "keypointlabels", POINT_TAG, w, h, value,
+                                      p.score))
+            scores = [r["score"] for r in result if "score" in r]
+            task = {"data": {IMAGE_TAG: url_prefix + quote(item.relative, safe="/")},
+                    "predictions": [{"model_version": item.record.get("model") or "unknown",
+                                     "score": sum(scores) / len(scores) if scores else None,
+                                     "result": result}]}
+            f.write(("\n" if n == 0 else ",\n") + json.dumps(task, ensure_ascii=False))
+            stats.images += 1
+        f.write("\n]\n")
+    os.replace(partial, path)
+    (out / "label_config.xml").write_text(label_config(names), encoding="utf-8")
+    return stats
+
+
+def _result(rid: str, kind: str, from_name: str, w: int, h: int, value: dict[str, Any],
+            score: float | None) -> dict[str, Any]:
+    r: dict[str, Any] = {"id": rid, "type": kind, "from_name": from_name, "to_name": IMAGE_TAG,
+                         "original_width": w, "original_height": h, "image_rotation": 0,
+                         "value": value}
+    if score is not None:
+        r["score"] = score
+    return r
+
+
+def label_config(names: list[str]) -> str:
+    """The labelling interface whose tag names the tasks refer to."""
+    labels = "".join(f'    <Label value="{escape(n, {chr(34): "&quot;"})}"/>\n' for n in names)
+    return (f'<View>\n  <Image name="{IMAGE_TAG}" value="${IMAGE_TAG}"/>\n'
+            f'  <RectangleLabels name="{RECT_TAG}" toName="{IMAGE_TAG}">\n{labels}'
+            f'  </RectangleLabels>\n'
+            f'  <KeyPointLabels name="{POINT_TAG}" toName="{IMAGE_TAG}">\n{labels}'
+            f'  </KeyPointLabels>\n</View>\n')

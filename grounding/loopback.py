@@ -1,0 +1,861 @@
+"""A tiny OpenAI-compatible chat-completions server on 127.0.0.1, for tests, benchmarks and
+offline demos.
+
+It needs nothing beyond the standard library (and Pillow/numpy, which grounding already
+uses, to read the images it receives). Nothing leaves the machine, so it is the way to try
+the remote backend, its retries and its error messages without a GPU, a key or a network::
+
+    from grounding.backends.remote import OpenAIBackend
+    from grounding.detector import Detector
+    from grounding.loopback import LoopbackServer, grounding_handler
+
+    with LoopbackServer(handler=grounding_handler("qwen2.5-vl")) as server:
+        backend = OpenAIBackend("loopback", base_url=server.base_url, dialect="qwen2.5-vl")
+        print(Detector(backend).detect("photo.jpg", prompt="the red box"))
+
+The server runs an asyncio loop in a daemon thread (so it never keeps a process alive),
+speaks just enough HTTP/1.1 for an HTTP client (Content-Length and chunked bodies,
+keep-alive) and serves many requests at once: waiting is ``await asyncio.sleep``, so 64
+concurrent requests with a fixed latency cost it almost nothing.
+
+Routes:
+
+* ``POST {path}`` (default ``/v1/chat/completions``; any path, so a provider-specific one
+  such as Segmind's ``/v1/qwen2-vl-7b-instruct`` works): answered by the ``handler``;
+* ``GET /v1/models`` (``models_path``): the ``models`` list, OpenAI style.
+
+Behaviour is pluggable. A handler is a callable ``handler(request) -> reply`` (sync or
+async) that receives a :class:`LoopbackRequest` (path, headers, JSON body, helpers that
+decode the data-URL images) and returns a :class:`Reply`, or a ``(status, headers, body)``
+tuple whose body is bytes, text or a JSON-able value. Ready-made behaviours:
+
+* :func:`grounding_handler`: finds the pure-red rectangle in the image it received and
+  answers with its box in a dialect's syntax and coordinate frame, like a perfect model;
+* :func:`fixed_handler`: a fixed small grounding answer, without looking at the image;
+* :func:`scripted`: a sequence of replies for the first calls (per call count, or per key
+  such as the image size), then a handler; the fault replies :func:`rate_limited`,
+  :func:`server_error`, :func:`dropped`, :func:`garbage`, :func:`no_choices`,
+  :func:`openai_error`, :func:`qianfan_error`, :func:`dashscope_error`,
+  :func:`segmind_no_credits` and :func:`slow` script the failures real providers produce.
+
+``LoopbackServer(latency=L, capacity=C)`` answers every request after ``L`` seconds with at
+most ``C`` requests served at once (the rest queue), the shape of a real inference server
+for throughput benchmarks. Every request is recorded (``server.requests``) and the most
+requests in flight at once is kept (``server.max_in_flight``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import inspect
+import io
+import itertools
+import json
+import random
+import re
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+__all__ = [
+    "LoopbackRequest",
+    "LoopbackServer",
+    "Reply",
+    "answer_text",
+    "as_reply",
+    "completion",
+    "dashscope_error",
+    "decode_data_url",
+    "dropped",
+    "fixed_handler",
+    "garbage",
+    "grounding_handler",
+    "no_choices",
+    "openai_error",
+    "qianfan_error",
+    "rate_limited",
+    "red_box",
+    "scripted",
+    "segmind_no_credits",
+    "server_error",
+    "slow",
+    "token_logprob",
+    "tokenize",
+]
+
+DEFAULT_PATH = "/v1/chat/completions"
+DEFAULT_MODELS = ("loopback-qwen2.5-vl",)
+FIXED_ANSWER = '```json\n[{"bbox_2d": [10, 20, 110, 120], "label": "object"}]\n```'
+MAX_HEADER_BYTES = 64 * 1024
+MAX_BODY_BYTES = 256 * 1024 * 1024
+
+_REASONS = {
+    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
+    405: "Method Not Allowed", 406: "Not Acceptable", 408: "Request Timeout",
+    413: "Payload Too Large", 422: "Unprocessable Entity", 429: "Too Many Requests",
+    500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+# ------------------------------------------------------------------------------ requests
+
+
+@dataclass
+class LoopbackRequest:
+    """One HTTP request as the server received it."""
+
+    index: int
+    """0-based arrival order among all requests this server received."""
+    method: str
+    path: str
+    headers: dict[str, str]
+    """Header names lower-cased (``request.headers["authorization"]``)."""
+    body: bytes
+    json: Any = None
+    """The body parsed as JSON, or None when it is not JSON."""
+    received_at: float = 0.0
+    """``time.perf_counter()`` when the body was complete."""
+
+    @property
+    def model(self) -> str | None:
+        return self.json.get("model") if isinstance(self.json, dict) else None
+
+    @property
+    def messages(self) -> list[dict]:
+        messages = self.json.get("messages") if isinstance(self.json, dict) else None
+        return messages if isinstance(messages, list) else []
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return isinstance(self.json, dict) and bool(self.json.get("logprobs"))
+
+    def parts(self, kind: str) -> list[dict]:
+        """Every content part of type ``kind`` (``"text"``, ``"image_url"``) in order."""
+        found = []
+        for message in self.messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, list):
+                found.extend(p for p in content if isinstance(p, dict) and p.get("type") == kind)
+        return found
+
+    @property
+    def text(self) -> str:
+        """All text the user and system messages hold, joined by newlines."""
+        texts = []
+        for message in self.messages:
+            content = message.get("content") if isinstance(message, dict) else None
+            if isinstance(content, str):
+                texts.append(content)
+            elif isinstance(content, list):
+                texts.extend(str(p.get("text", "")) for p in content
+                             if isinstance(p, dict) and p.get("type") == "text")
+        return "\n".join(texts)
+
+    def image_urls(self) -> list[str]:
+        urls = []
+        for part in self.parts("image_url"):
+            value = part.get("image_url")
+            url = value.get("url") if isinstance(value, dict) else value
+            if isinstance(url, str):
+                urls.append(url)
+        return urls
+
+    def image_bytes(self) -> list[tuple[str, bytes]]:
+        """(media type, encoded bytes) of every ``data:`` URL image, in order."""
+        return [decode_data_url(url) for url in self.image_urls()]
+
+    def images(self) -> list[Any]:
+        """Every ``data:`` URL image decoded into a PIL image (as stored: no EXIF applied)."""
+        from PIL import Image
+
+        found = []
+        for _, data in self.image_bytes():
+            image = Image.open(io.BytesIO(data))
+            image.load()
+            found.append(image)
+        return found
+
+    def image(self) -> Any:
+        """The one image of the request; ValueError when there is none."""
+        images = self.images()
+        if not images:
+            raise ValueError("the request holds no data: URL image")
+        return images[0]
+
+
+_DATA_URL = re.compile(r"^data:(?P<type>[\w.+/-]*)(?P<params>(?:;[^,;]*)*?)(?P<b64>;base64)?,",
+                       re.I)
+
+
+def decode_data_url(url: str) -> tuple[str, bytes]:
+    """``data:image/png;base64,...`` -> ("image/png", bytes); ValueError if not a data URL."""
+    m = _DATA_URL.match(url)
+    if not m:
+        raise ValueError(f"not a data: URL: {url[:40]!r}")
+    payload = url[m.end():]
+    if not m.group("b64"):
+        from urllib.parse import unquote_to_bytes
+
+        return m.group("type") or "text/plain", unquote_to_bytes(payload)
+    try:
+        return m.group("type"), base64.b64decode(payload, validate=True)
+    except binascii.Error as exc:
+        raise ValueError(f"bad base64 in data: URL: {exc}") from None
+
+
+# ------------------------------------------------------------------------------- replies
+
+
+@dataclass
+class Reply:
+    """What the server answers to one request."""
+
+    status: int = 200
+    body: Any = None
+    """bytes as they are; str as UTF-8 text; anything else as JSON. None: no body."""
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    """Seconds to wait before answering (on top of the server's ``latency``)."""
+    drop: bool = False
+    """Close the connection without sending anything."""
+
+    def encoded(self) -> tuple[bytes, dict[str, str]]:
+        headers = dict(self.headers)
+        names = {k.lower() for k in headers}
+        if self.body is None:
+            data = b""
+        elif isinstance(self.body, bytes | bytearray):
+            data = bytes(self.body)
+        elif isinstance(self.body, str):
+            data = self.body.encode("utf-8")
+            if "content-type" not in names:
+                headers["Content-Type"] = "text/plain; charset=utf-8"
+        else:
+            data = json.dumps(self.body, ensure_ascii=False).encode("utf-8")
+            if "content-type" not in names:
+                headers["Content-Type"] = "application/json"
+        return data, headers
+
+
+ReplyLike = Reply | tuple
+Handler = Callable[[LoopbackRequest], "ReplyLike | Awaitable[ReplyLike]"]
+
+
+def as_reply(value: Any) -> Reply:
+    """A handler's return value as a Reply: a Reply, ``(status, headers, body)``,
+    ``(status, body)`` or a bare JSON-able body (status 200)."""
+    if isinstance(value, Reply):
+        return value
+    if isinstance(value, tuple):
+        if len(value) == 3:
+            status, headers, body = value
+            return Reply(int(status), body, dict(headers or {}))
+        if len(value) == 2:
+            return Reply(int(value[0]), value[1])
+        raise TypeError(f"a reply tuple is (status, headers, body), not {len(value)} items")
+    return Reply(200, value)
+
+
+async def _call(handler: Callable[[LoopbackRequest], Any], request: LoopbackRequest) -> Reply:
+    value = handler(request)
+    if inspect.isawaitable(value):
+        value = await value
+    return as_reply(value)
+
+
+# ------------------------------------------------------------- OpenAI-style completions
+
+
+_TOKEN = re.compile(r"\s+|\w+|[^\w\s]")
+
+
+def tokenize(text: str) -> list[str]:
+    """A stand-in tokenizer: words, runs of spaces and single punctuation marks. The
+    tokens concatenate back to ``text``."""
+    return _TOKEN.findall(text)
+
+
+def token_logprob(index: int) -> float:
+    """The made-up log-probability of the ``index``-th generated token (deterministic)."""
+    return -round(0.001 * (1 + index % 7), 6)
+
+
+_ids = itertools.count(1)
+
+
+def completion(text: str, *, model: str | None = None, finish_reason: str | None = "stop",
+               logprobs: bool = False, prompt_tokens: int = 100) -> dict[str, Any]:
+    """An OpenAI ``chat.completion`` body answering ``text``; with ``logprobs``, a
+    ``logprobs.content`` list of {token, logprob, bytes, top_logprobs} entries as vLLM and
+    OpenAI send."""
+    tokens = tokenize(text)
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "finish_reason": finish_reason,
+        "logprobs": None,
+    }
+    if logprobs:
+        choice["logprobs"] = {"content": [
+            {"token": t, "logprob": token_logprob(i), "bytes": list(t.encode("utf-8")),
+             "top_logprobs": []}
+            for i, t in enumerate(tokens)
+        ]}
+    return {
+        "id": f"chatcmpl-loopback-{next(_ids)}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model or DEFAULT_MODELS[0],
+        "choices": [choice],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(tokens),
+                  "total_tokens": prompt_tokens + len(tokens)},
+    }
+
+
+def fixed_handler(text: str = FIXED_ANSWER, *, finish_reason: str | None = "stop") -> Handler:
+    """Answer ``text`` to every request without looking at it (benchmarks)."""
+
+    def handle(request: LoopbackRequest) -> Reply:
+        return Reply(200, completion(text, model=request.model, finish_reason=finish_reason,
+                                     logprobs=request.wants_logprobs))
+
+    return handle
+
+
+# ----------------------------------------------------------------- grounding behaviour
+
+
+def red_box(image: Any) -> tuple[int, int, int, int] | None:
+    """The box (pixel edges: x_min, y_min, x_max, y_max) of the red pixels of ``image``.
+
+    A pixel is red when ``R - (G + B) / 2`` exceeds half its value for pure red (127.5),
+    i.e. when it is nearer pure red than a grey background: a resize blends an edge pixel
+    by how much of it the red covers, so the box found this way is the true rectangle's
+    box to within half a pixel of ``image``. Each edge is the median over the rows (or
+    columns) that hold red, not the extreme: a bicubic resize rings near the corners and
+    would push the extreme out by a pixel. None when there is no red pixel.
+    """
+    import numpy as np
+
+    a = np.asarray(image.convert("RGB"), dtype=np.float32)
+    red = (a[..., 0] - (a[..., 1] + a[..., 2]) / 2) > 127.5
+    rows = np.flatnonzero(red.any(axis=1))
+    cols = np.flatnonzero(red.any(axis=0))
+    if not rows.size:
+        return None
+
+    def median(values: np.ndarray) -> int:
+        return int(np.sort(values)[(len(values) - 1) // 2])
+
+    across = red[rows]  # rows holding red: where their red run starts and ends
+    x0 = median(np.argmax(across, axis=1))
+    x1 = median(red.shape[1] - np.argmax(across[:, ::-1], axis=1))
+    down = red[:, cols]
+    y0 = median(np.argmax(down, axis=0))
+    y1 = median(red.shape[0] - np.argmax(down[::-1], axis=0))
+    return x0, y0, x1, y1
+
+
+def _num(value: float) -> str:
+    """Integers as integers, anything else with 3 decimals (a model writes integers; the
+    decimals keep a relative answer exact to a fraction of a pixel)."""
+    if float(value).is_integer():
+        return str(int(value))
+    return f"{value:.3f}".rstrip("0").rstrip(".")
+
+
+def answer_text(dialect: Any, box: Sequence[float] | None, label: str) -> str:
+    """``box`` (already in the dialect's coordinate frame) written in the dialect's syntax."""
+    from grounding.dialects import get_dialect
+
+    name = get_dialect(dialect).name
+    if box is None:
+        return {"qwen2.5-vl": "```json\n[]\n```", "qwen3-vl": "```json\n[]\n```"}.get(
+            name, "There is none in the image.")
+    x1, y1, x2, y2 = (_num(v) for v in box)
+    if name in ("qwen2.5-vl", "qwen3-vl"):
+        return (f'```json\n[\n\t{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}], '
+                f'"label": {json.dumps(label)}}}\n]\n```')
+    if name == "qwen2-vl":
+        return (f"<|object_ref_start|>{label}<|object_ref_end|>"
+                f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>")
+    if name == "qwen-vl":
+        return f"<ref>{label}</ref><box>({x1},{y1}),({x2},{y2})</box>"
+    if name == "deepseek-vl2":
+        return f"<|ref|>{label}<|/ref|><|det|>[[{x1}, {y1}, {x2}, {y2}]]<|/det|>"
+    raise ValueError(f"no answer syntax for dialect {name}")
+
+
+def grounding_handler(dialect: Any = "qwen2.5-vl", server_frame: tuple[int, int] | None = None,
+                      *, label: str = "red box", finish_reason: str | None = "stop",
+                      text: Callable[[str], str] | None = None) -> Handler:
+    """A perfect grounding model: finds the pure-red rectangle in the image it received and
+    answers with its box in ``dialect``'s syntax and coordinate frame.
+
+    * ``qwen2.5-vl``: absolute pixels of the image received;
+    * ``qwen3-vl``, ``qwen2-vl``, ``qwen-vl``: 0-1000 relative; ``deepseek-vl2``: 0-999.
+
+    ``server_frame`` (width, height): the server resizes the image it received to this size
+    first, like a server that applies its own processor resize. Relative answers still map
+    back exactly; an absolute (qwen2.5-vl) answer is then in ``server_frame`` pixels, which
+    is the mismatch such a server causes. ``text`` post-edits the answer (e.g. to cut it).
+    The reply carries ``finish_reason``, usage and, when asked, ``logprobs.content``.
+    """
+    from PIL import Image
+
+    from grounding.dialects import get_dialect
+
+    d = get_dialect(dialect)
+
+    def handle(request: LoopbackRequest) -> Reply:
+        try:
+            image = request.image().convert("RGB")
+        except (ValueError, OSError) as exc:
+            return Reply(400, {"error": {"message": f"cannot read the image: {exc}",
+                                         "type": "invalid_request_error", "code": None}})
+        if server_frame is not None and image.size != tuple(server_frame):
+            image = image.resize(tuple(server_frame), Image.Resampling.BICUBIC)
+        found = red_box(image)
+        box = None
+        if found is not None:
+            w, h = image.size
+            if d.is_relative:
+                assert d.norm is not None
+                box = (found[0] / w * d.norm, found[1] / h * d.norm,
+                       found[2] / w * d.norm, found[3] / h * d.norm)
+            else:
+                box = found
+        answer = answer_text(d, box, label)
+        if text is not None:
+            answer = text(answer)
+        return Reply(200, completion(answer, model=request.model, finish_reason=finish_reason,
+                                     logprobs=request.wants_logprobs))
+
+    return handle
+
+
+# ------------------------------------------------------------------------ fault replies
+
+
+def openai_error(status: int = 400, message: str = "Invalid request",
+                 type: str = "invalid_request_error", code: str | None = None) -> Reply:
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    return Reply(status, {"error": {"message": message, "type": type, "param": None,
+                                    "code": code}})
+
+
+def rate_limited(retry_after: float | str | None = 0.1,
+                 message: str = "Rate limit reached for requests") -> Reply:
+    """429 with ``Retry-After`` (seconds) and an OpenAI-style error body."""
+    reply = openai_error(429, message, "rate_limit_exceeded", "rate_limit_exceeded")
+    if retry_after is not None:
+        reply.headers["Retry-After"] = str(retry_after)
+    return reply
+
+
+def server_error(status: int = 503, message: str | None = None) -> Reply:
+    """A 5xx with an OpenAI-style error body."""
+    return openai_error(status, message or _REASONS.get(status, "Server error"),
+                        "server_error")
+
+
+def dropped() -> Reply:
+    """Close the connection without answering."""
+    return Reply(drop=True)
+
+
+def garbage(status: int = 200, body: bytes = b"<html><body>502 Bad Gateway</body></html>"
+            ) -> Reply:
+    """A body that is not JSON (a proxy's HTML page)."""
+    return Reply(status, body, {"Content-Type": "text/html"})
+
+
+def no_choices() -> Reply:
+    """A 200 JSON body without ``choices``."""
+    return Reply(200, {"id": "chatcmpl-loopback-empty", "object": "chat.completion",
+                       "created": int(time.time()), "model": DEFAULT_MODELS[0]})
+
+
+def qianfan_error(code: int = 336003, msg: str = "the image is invalid") -> Reply:
+    """Baidu Qianfan: HTTP 200 with ``{"error_code", "error_msg"}`` in the body."""
+    return Reply(200, {"id": "as-loopback", "error_code": code, "error_msg": msg})
+
+
+def dashscope_error(code: str = "InvalidParameter", message: str = "url error",
+                    status: int = 400) -> Reply:
+    """Alibaba DashScope: ``{"code", "message", "request_id"}``."""
+    return Reply(status, {"code": code, "message": message,
+                          "request_id": "00000000-loopback"})
+
+
+def segmind_no_credits(message: str = "Not enough credits") -> Reply:
+    """Segmind: 406 when the account has no credits left."""
+    return Reply(406, {"error": message})
+
+
+def slow(seconds: float, reply: ReplyLike | None = None) -> Reply:
+    """Answer ``reply`` (default: a valid empty grounding answer) after ``seconds``."""
+    out = as_reply(reply) if reply is not None else Reply(200, completion("```json\n[]\n```"))
+    return Reply(out.status, out.body, dict(out.headers), out.delay + seconds, out.drop)
+
+
+def scripted(steps: Iterable[Any], then: Handler | None = None, *,
+             key: Callable[[LoopbackRequest], Any] | None = None,
+             when: Callable[[LoopbackRequest], bool] | None = None) -> Handler:
+    """Answer the first calls with ``steps`` in turn, every later call with ``then``.
+
+    A step is a reply (a :class:`Reply` or a tuple) or a handler. Calls are counted over
+    the requests ``when`` accepts (default: all; the others go straight to ``then``), and
+    separately per ``key(request)`` when ``key`` is given, so
+    ``scripted([server_error()], ok, key=lambda r: r.image().size)`` fails the first
+    request of every image size once. ``then`` defaults to :func:`fixed_handler`.
+    """
+    script = list(steps)
+    after = then or fixed_handler()
+    counts: dict[Any, int] = {}
+
+    async def handle(request: LoopbackRequest) -> Reply:
+        if when is not None and not when(request):
+            return await _call(after, request)
+        k = key(request) if key is not None else None
+        n = counts.get(k, 0)
+        counts[k] = n + 1
+        if n >= len(script):
+            return await _call(after, request)
+        step = script[n]
+        if callable(step):
+            return await _call(step, request)
+        return as_reply(step)
+
+    handle.counts = counts  # type: ignore[attr-defined]
+    return handle
+
+
+# ------------------------------------------------------------------------------- server
+
+
+class _BadRequest(Exception):
+    pass
+
+
+class LoopbackServer:
+    """An OpenAI-compatible chat-completions server on 127.0.0.1 in a daemon thread.
+
+    >>> with LoopbackServer(handler=grounding_handler("qwen3-vl")) as server:  # doctest: +SKIP
+    ...     server.base_url
+    'http://127.0.0.1:41234/v1'
+
+    ``path``: the POST route answered by ``handler`` (default :func:`fixed_handler`);
+    ``models_path``: the GET route listing ``models``.
+    ``latency``: seconds every answer takes (``jitter``: plus or minus up to this much,
+    uniformly); ``capacity``: at most this many requests are being served at once, later
+    ones wait their turn (None: no limit). ``lifetime``: stop
+    by itself after this many seconds whatever happens (a safety net for demos).
+    ``record=False`` keeps no request bodies (long benchmarks); counters still work.
+    """
+
+    def __init__(self, handler: Handler | None = None, *, path: str = DEFAULT_PATH,
+                 port: int = 0, latency: float = 0.0, jitter: float = 0.0,
+                 capacity: int | None = None,
+                 models: Sequence[str] = DEFAULT_MODELS, models_path: str = "/v1/models",
+                 lifetime: float | None = None,
+                 record: bool = True) -> None:
+        if not path.startswith("/"):
+            raise ValueError(f"path must start with '/': {path!r}")
+        if capacity is not None and capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.handler: Handler = handler or fixed_handler()
+        self.path = path
+        self.port = port
+        self.latency = float(latency)
+        self.jitter = min(float(jitter), self.latency)
+        self.capacity = capacity
+        self.models = list(models)
+        self.lifetime = lifetime
+        self.record = record
+        self.models_path = models_path
+        self.requests: list[LoopbackRequest] = []
+        """Every request received, in arrival order (when ``record``)."""
+        self.errors: list[BaseException] = []
+        """Exceptions raised by handlers (each was answered 500)."""
+        self.calls = 0
+        """Requests received on ``path``."""
+        self.in_flight = 0
+        self.max_in_flight = 0
+        """Most ``path`` requests received and not yet answered, at any moment."""
+        self.connections = 0
+        """TCP connections accepted."""
+        self._count = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._semaphore: asyncio.Semaphore | None = None
+        self._stopped = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT`` (no path)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """What an OpenAI client takes as ``base_url``: ``http://127.0.0.1:PORT/v1``."""
+        return f"{self.url}/v1"
+
+    @property
+    def completions(self) -> list[LoopbackRequest]:
+        """The recorded requests on ``path`` (the chat completions)."""
+        return [r for r in self.requests if r.method == "POST" and r.path == self.path]
+
+    def start(self) -> LoopbackServer:
+        if self._thread is not None:
+            raise RuntimeError("the server is already started")
+        self._thread = threading.Thread(target=self._run, name="grounding-loopback",
+                                        daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+        if self._startup_error is not None:
+            raise RuntimeError(f"loopback server failed to start: {self._startup_error}")
+        if not self._ready.is_set():
+            raise RuntimeError("loopback server did not start within 10 s")
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the listening socket and every connection; idempotent."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or self._stopped:
+            return
+        self._stopped = True
+        if thread is not threading.current_thread():
+            with contextlib.suppress(RuntimeError):  # loop already closed
+                loop.call_soon_threadsafe(self._begin_shutdown)
+            thread.join(timeout)
+
+    def __enter__(self) -> LoopbackServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def reset(self) -> None:
+        """Forget the recorded requests and counters (the handler's own state stays)."""
+        self.requests.clear()
+        self.errors.clear()
+        self.calls = 0
+        self.max_in_flight = self.in_flight
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._open())
+        except BaseException as exc:  # reported to start()
+            self._startup_error = exc
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        if self.lifetime is not None:
+            loop.call_later(self.lifetime, self._begin_shutdown)
+        try:
+            loop.run_forever()
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    async def _open(self) -> None:
+        if self.capacity is not None:
+            self._semaphore = asyncio.Semaphore(self.capacity)
+        self._server = await asyncio.start_server(self._connection, "127.0.0.1", self.port,
+                                                  backlog=1024, limit=MAX_HEADER_BYTES)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def _begin_shutdown(self) -> None:
+        self._stopped = True
+        assert self._loop is not None
+        self._loop.create_task(self._shutdown())
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+        assert self._loop is not None
+        self._loop.stop()
+
+    # ------------------------------------------------------------------------ HTTP
+
+    async def _connection(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        try:
+            while True:
+                try:
+                    request, keep_alive = await self._read_request(reader)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return  # the client went away between requests
+                except _BadRequest as exc:
+                    await self._write(writer, Reply(400, {"error": {"message": str(exc)}}),
+                                      keep_alive=False)
+                    return
+                if request is None:
+                    return
+                reply = await self._dispatch(request)
+                if reply.drop:
+                    writer.transport.abort()
+                    return
+                await self._write(writer, reply, keep_alive)
+                if not keep_alive:
+                    return
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._tasks.discard(task)
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _read_request(self, reader: asyncio.StreamReader
+                            ) -> tuple[LoopbackRequest | None, bool]:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as exc:
+            if exc.partial.strip():
+                raise _BadRequest("incomplete request head") from None
+            return None, False
+        except asyncio.LimitOverrunError:
+            raise _BadRequest("request head too large") from None
+        lines = head.decode("latin-1").split("\r\n")
+        try:
+            method, target, version = lines[0].split(" ", 2)
+        except ValueError:
+            raise _BadRequest(f"bad request line {lines[0]!r}") from None
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if not line:
+                continue
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise _BadRequest(f"bad header line {line!r}")
+            key = name.strip().lower()
+            value = value.strip()
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        if headers.get("transfer-encoding", "").lower().endswith("chunked"):
+            body = await self._read_chunked(reader)
+        else:
+            try:
+                length = int(headers.get("content-length", "0"))
+            except ValueError:
+                raise _BadRequest("bad Content-Length") from None
+            if length < 0 or length > MAX_BODY_BYTES:
+                raise _BadRequest("bad Content-Length")
+            body = await reader.readexactly(length) if length else b""
+        connection = headers.get("connection", "").lower()
+        keep_alive = ("close" not in connection if version.upper() == "HTTP/1.1"
+                      else "keep-alive" in connection)
+        parsed = None
+        if body:
+            try:
+                parsed = json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                parsed = None
+        index = self._count
+        self._count += 1
+        request = LoopbackRequest(index, method.upper(), urlsplit(target).path or "/",
+                                  headers, body, parsed, time.perf_counter())
+        if self.record:
+            self.requests.append(request)
+        return request, keep_alive
+
+    @staticmethod
+    async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+        chunks = []
+        total = 0
+        while True:
+            line = await reader.readuntil(b"\r\n")
+            try:
+                size = int(line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise _BadRequest("bad chunk size") from None
+            if size == 0:
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
+                    pass
+                return b"".join(chunks)
+            total += size
+            if total > MAX_BODY_BYTES:
+                raise _BadRequest("body too large")
+            chunks.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+
+    async def _dispatch(self, request: LoopbackRequest) -> Reply:
+        if request.path == self.path:
+            if request.method != "POST":
+                return Reply(405, {"error": {"message": f"use POST on {self.path}"}},
+                             {"Allow": "POST"})
+            return await self._complete(request)
+        if request.path == self.models_path and request.method == "GET":
+            return Reply(200, {"object": "list", "data": [
+                {"id": m, "object": "model", "created": 0, "owned_by": "loopback"}
+                for m in self.models]})
+        return Reply(404, {"error": {"message": f"no route {request.method} {request.path}",
+                                     "type": "invalid_request_error", "code": "not_found"}})
+
+    async def _complete(self, request: LoopbackRequest) -> Reply:
+        self.calls += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            if self._semaphore is not None:
+                async with self._semaphore:
+                    return await self._answer(request)
+            return await self._answer(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: LoopbackRequest) -> Reply:
+        if self.latency > 0:
+            delay = self.latency
+            if self.jitter:
+                delay += random.uniform(-self.jitter, self.jitter)
+            await asyncio.sleep(delay)
+        try:
+            reply = await _call(self.handler, request)
+        except Exception as exc:  # a bug in a handler: answer 500, keep it for the test
+            self.errors.append(exc)
+            reply = server_error(500, f"loopback handler failed: {type(exc).__name__}: {exc}")
+        if reply.delay > 0:
+            await asyncio.sleep(reply.delay)
+        return reply
+
+    @staticmethod
+    async def _write(writer: asyncio.StreamWriter, reply: Reply, keep_alive: bool) -> None:
+        data, headers = reply.encoded()
+        lines = [f"HTTP/1.1 {reply.status} {_REASONS.get(reply.status, 'Status')}"]
+        names = {k.lower() for k in headers}
+        lines.extend(f"{k}: {v}" for k, v in headers.items())
+        if "content-length" not in names:
+            lines.append(f"Content-Length: {len(data)}")
+        if "connection" not in names:
+            lines.append(f"Connection: {'keep-alive' if keep_alive else 'close'}")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data)
+        await writer.drain()
