@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from grounding.assemble import result_from_text
@@ -18,6 +19,11 @@ from grounding.images import ImageSource, describe, load_image
 from grounding.prefetch import prefetch
 from grounding.prompts import Task, class_prompt, expression_prompt
 from grounding.result import Result
+
+
+def _in_memory(source: object) -> bool:
+    """Already decoded: loading it is too quick to be worth a worker thread."""
+    return isinstance(source, Image.Image | np.ndarray)
 
 
 def load_ontology(path: str | Path) -> dict[str, str]:
@@ -110,7 +116,7 @@ class Detector:
             yield from self._stream(images, query, text, size * window)
             return
         pending: list[tuple[int, str, Image.Image | None, str | None]] = []
-        loaded = prefetch(images, self._load, workers=self.io_workers, ahead=size * window)
+        loaded = self._loaded(images, size * window)
         for index, item in enumerate(loaded):
             pending.append((index, *item))
             if len(pending) >= size * window:
@@ -126,8 +132,7 @@ class Detector:
         entries: deque[tuple[str, Image.Image | None, str | None]] = deque()
 
         def requests() -> Iterator[Request]:
-            for name, image, error in prefetch(images, self._load, workers=self.io_workers,
-                                               ahead=ahead):
+            for name, image, error in self._loaded(images, ahead):
                 entries.append((name, image, error))
                 if image is not None:
                     yield Request(image, text, query.system, query.task)
@@ -145,6 +150,11 @@ class Detector:
         while entries:
             name, _, error = entries.popleft()
             yield failed(name, error)
+
+    def _loaded(self, images: Iterable[ImageSource], ahead: int):
+        """(name, image, error) per input, in order, files decoded in worker threads."""
+        return prefetch(images, self._load, workers=self.io_workers, ahead=ahead,
+                        inline=_in_memory)
 
     @staticmethod
     def _load(source: ImageSource) -> tuple[str, Image.Image | None, str | None]:

@@ -12,10 +12,12 @@ R = TypeVar("R")
 
 
 def prefetch(items: Iterable[T], fn: Callable[[T], R], *, workers: int = 4,
-             ahead: int = 16) -> Iterator[R]:
+             ahead: int = 16, inline: Callable[[T], bool] | None = None) -> Iterator[R]:
     """``map(fn, items)`` in input order, ``fn`` running in ``workers`` threads with at most
     ``ahead`` results waiting. Memory stays bounded however long ``items`` is; exceptions
-    from ``fn`` are re-raised in order (wrap ``fn`` to turn them into values)."""
+    from ``fn`` are re-raised in order (wrap ``fn`` to turn them into values). Items for
+    which ``inline(item)`` is true are done in the caller's thread: work too small to be
+    worth a thread hand-off (and the GIL contention that comes with it)."""
     if workers <= 0:
         yield from map(fn, items)
         return
@@ -23,7 +25,15 @@ def prefetch(items: Iterable[T], fn: Callable[[T], R], *, workers: int = 4,
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grounding-io") as pool:
         pending: deque[Future[R]] = deque()
         for item in items:
-            pending.append(pool.submit(fn, item))
+            if inline is not None and inline(item):
+                done: Future[R] = Future()
+                try:
+                    done.set_result(fn(item))
+                except Exception as exc:
+                    done.set_exception(exc)
+                pending.append(done)
+            else:
+                pending.append(pool.submit(fn, item))
             if len(pending) >= ahead:
                 yield pending.popleft().result()
         while pending:

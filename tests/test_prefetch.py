@@ -44,3 +44,16 @@ def test_errors_surface_in_order():
 
 def test_no_workers_is_plain_map():
     assert list(prefetch([1, 2, 3], str, workers=0)) == ["1", "2", "3"]
+
+
+def test_inline_items_run_in_the_callers_thread():
+    caller = threading.get_ident()
+    where = {}
+
+    def record(x):
+        where[x] = threading.get_ident()
+        return x
+
+    out = list(prefetch(range(10), record, workers=2, ahead=3, inline=lambda x: x % 2 == 0))
+    assert out == list(range(10))
+    assert all((where[x] == caller) == (x % 2 == 0) for x in range(10))

@@ -42,6 +42,9 @@ TRUNCATED_REASONS = frozenset({"length", "max_tokens", "max_length", "model_leng
 
 
 
+ENCODE_THREADS = 2
+"""Threads resizing and PNG-encoding images beside the event loop."""
+
 CLIENT_CONNECTIONS = 8
 """Requests in flight per HTTP client (see OpenAIBackend._client)."""
 
@@ -251,6 +254,9 @@ class OpenAIBackend:
         self.image_format = image_format
         self.extra_body = dict(extra_body or {})
         self._clients: dict[int, list[Any]] = {}
+        # Few threads: the compressor runs beside the loop; more would only contend for the GIL.
+        self._encoder = concurrent.futures.ThreadPoolExecutor(ENCODE_THREADS,
+                                                              "grounding-encode")
         self._turn = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
@@ -364,7 +370,8 @@ class OpenAIBackend:
         Slots are taken in input order: requests are sent in the order they came."""
         ticket = gate.ticket()  # before any await: tickets follow input order
         try:
-            frame, url, seconds = await asyncio.to_thread(self._prepare, request)
+            frame, url, seconds = await asyncio.get_running_loop().run_in_executor(
+                self._encoder, self._prepare, request)
         except Exception as exc:
             gate.skip(ticket)
             return RemoteError(self._scrub(f"cannot prepare the image: {exc}"))
