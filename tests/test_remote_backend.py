@@ -636,3 +636,23 @@ def test_loopback_red_box_and_lifetime():
     time.sleep(0.6)
     assert thread is not None and not thread.is_alive()
     server.stop()  # idempotent after the timer stopped it
+
+
+def test_503_retry_after_is_honoured_and_capped(monkeypatch):
+    import grounding.backends.remote as remote
+
+    monkeypatch.setattr(remote, "MAX_RETRY_AFTER", 0.3)
+    busy = Reply(503, {"error": {"message": "busy"}}, headers={"Retry-After": "3600"})
+    with LoopbackServer(handler=scripted([busy], good())) as server:
+        result, elapsed = run_one(server, backoff=0.01)
+        assert server.calls == 2
+    only_box(result)
+    assert 0.3 <= elapsed < 3.0  # waited, but not the hour the server asked for
+
+
+def test_qianfan_rate_limit_under_http_200_is_retried():
+    limited = qianfan_error(18, "Open api qps request limit reached")
+    with LoopbackServer(handler=scripted([limited], good())) as server:
+        result, _ = run_one(server)
+        assert server.calls == 2
+    only_box(result)

@@ -58,6 +58,13 @@ class RemoteError(GroundingError):
         super().__init__(message)
 
 
+MAX_RETRY_AFTER = 120.0
+"""Longest Retry-After honoured (seconds): a server asking for an hour stalls no image."""
+
+_BUSY_WORDS = ("rate limit", "qps", "too many requests", "busy", "overload", "try again",
+               "temporarily")
+"""Words that make an error under HTTP 200 (Qianfan's error_code bodies) worth a retry."""
+
 _STATUS_HINTS = {
     400: "bad request",
     401: "authentication failed: check the API key (--api-key-env) and --api-key-header",
@@ -397,7 +404,7 @@ class OpenAIBackend:
         sent = time.perf_counter()
         body = self._body(request, url)
         try:
-            text = await self._post(body)
+            generation = await self._post(body, frame)
         except RemoteError as exc:
             if not (self.logprobs and exc.status == 400 and "logprob" in str(exc).lower()):
                 raise
@@ -405,8 +412,7 @@ class OpenAIBackend:
                         self.base_url)
             self.logprobs = False
             body.pop("logprobs", None)
-            text = await self._post(body)
-        generation = self._generation(text, frame)
+            generation = await self._post(body, frame)
         generation.timings = {"preprocess": 0.0, "generate": time.perf_counter() - sent,
                               "decode": 0.0}
         return generation
@@ -434,26 +440,35 @@ class OpenAIBackend:
 
         return {} if self._auth_in_bearer else {"headers": {"Authorization": openai.Omit()}}
 
-    async def _post(self, body: dict[str, Any]) -> str:
+    async def _post(self, body: dict[str, Any], frame: Size) -> Generation:
         return await self._call(
             lambda c: c.post(self.endpoint, cast_to=str, body=body, options=self._options()),
-            f"POST {self.endpoint}")
+            f"POST {self.endpoint}", lambda text: self._generation(text, frame))
 
-    async def _call(self, send, what: str) -> str:
-        """Send with retries: 429 (Retry-After honoured), 5xx, connection errors and
-        timeouts back off exponentially with jitter; other 4xx fail at once."""
+    async def _call(self, send, what: str, read=None):
+        """Send with retries: 429 and 503 (Retry-After honoured, up to MAX_RETRY_AFTER), other
+        5xx, connection errors, timeouts, and error bodies that say "rate limit" or "busy"
+        under HTTP 200 (Qianfan) back off exponentially with jitter; other 4xx fail at once.
+        ``read`` turns the answer's text into the result (and may raise RemoteError)."""
         import openai
 
         attempt = 0
         while True:
             wait: float | None = None
             try:
-                return await send(self._client())
+                text = await send(self._client())
+                return read(text) if read is not None else text
+            except RemoteError as exc:
+                if not exc.retryable:
+                    raise
+                error = exc
             except openai.APIStatusError as exc:
                 error = self._status_error(exc, what)
                 if not error.retryable:
                     raise error from None
-                wait = _retry_after(exc.response.headers) if exc.status_code == 429 else None
+                if exc.status_code in (429, 503):
+                    wait = _retry_after(exc.response.headers)
+                    wait = None if wait is None else min(wait, MAX_RETRY_AFTER)
             except (openai.APITimeoutError, openai.APIConnectionError) as exc:
                 kind = "timed out" if isinstance(exc, openai.APITimeoutError) else (
                     "connection failed")
@@ -490,7 +505,9 @@ class OpenAIBackend:
         choices = data.get("choices") if isinstance(data, dict) else None
         if not choices:
             reason = detail or "no choices in the answer"
-            raise RemoteError(self._scrub(f"the server returned no answer: {reason}"))
+            busy = detail is not None and any(w in detail.lower() for w in _BUSY_WORDS)
+            raise RemoteError(self._scrub(f"the server returned no answer: {reason}"),
+                              retryable=busy)
         choice = choices[0]
         message = choice.get("message") or {}
         content = message.get("content")
