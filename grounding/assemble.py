@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from grounding.classes import ClassMap
 from grounding.dialects import Dialect, get_dialect
@@ -32,17 +32,25 @@ def build_result(
     model: str | None = None,
     image: str | None = None,
     truncated: bool = False,
+    scores: Sequence[float | None] | None = None,
+    min_score: float | None = None,
 ) -> Result:
-    """Rescale, clip and class-match. Without ``image_size`` coordinates stay in the
-    model's frame (only corner order is normalised) and nothing is clipped."""
+    """Rescale, clip, class-match and score. Without ``image_size`` coordinates stay in the
+    model's frame (only corner order is normalised) and nothing is clipped. ``scores``
+    (one per parsed object, see grounding.confidence) below ``min_score`` drop the object
+    (counted as ``low_score``); unscored objects are kept."""
     d = get_dialect(dialect)
     class_map = classes if isinstance(classes, ClassMap) or classes is None else ClassMap(classes)
-    dropped = {"no_area": 0, "outside": 0, "invalid": parsed.invalid}
+    dropped = {"no_area": 0, "outside": 0, "low_score": 0, "invalid": parsed.invalid}
+    scores = list(scores) if scores is not None else [None] * len(parsed.objects)
     if image_size is not None:
         sx, sy = scale_factors(d, input_size, image_size)
     boxes: list[Box] = []
     points: list[Point] = []
-    for obj in parsed.objects:
+    for obj, score in zip(parsed.objects, scores, strict=True):
+        if min_score is not None and score is not None and score < min_score:
+            dropped["low_score"] += 1
+            continue
         class_id = class_map.match(obj.label) if class_map is not None else None
         if obj.kind == "box":
             if image_size is None:
@@ -52,7 +60,7 @@ def build_result(
                 if box_area(bbox) <= 0.0:
                     dropped["no_area"] += 1
                     continue
-            boxes.append(Box(bbox, obj.label, class_id, None, dict(obj.attributes), obj.coords))
+            boxes.append(Box(bbox, obj.label, class_id, score, dict(obj.attributes), obj.coords))
         else:
             if image_size is None:
                 xy = (obj.coords[0], obj.coords[1])
@@ -64,7 +72,8 @@ def build_result(
                     dropped["outside"] += 1
                     continue
                 xy = clip_point(xy, image_size)
-            points.append(Point(xy, obj.label, class_id, None, dict(obj.attributes), obj.coords))
+            points.append(Point(xy, obj.label, class_id, score, dict(obj.attributes),
+                                obj.coords))
     return Result(
         boxes=boxes,
         points=points,

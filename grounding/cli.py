@@ -155,6 +155,9 @@ MaxRetries = Annotated[int, typer.Option(
     min=0, help="openai: retries on 429, 5xx, connection errors and timeouts.")]
 TokenParam = Annotated[str, typer.Option(help="openai: max_tokens or max_completion_tokens.")]
 Logprobs = Annotated[bool, typer.Option(help="openai: ask for token log-probabilities.")]
+MinScore = Annotated[float | None, typer.Option(
+    help="Drop boxes and points scored below this (token log-probability rule, see README; "
+         "unscored ones are kept).")]
 JsonSchema = Annotated[bool, typer.Option(
     help="openai: ask the server for JSON-schema-constrained output (vLLM).")]
 
@@ -256,6 +259,7 @@ def detect(
     token_param: TokenParam = "max_tokens",
     logprobs: Logprobs = True,
     json_schema: JsonSchema = False,
+    min_score: MinScore = None,
 ) -> None:
     """Find classes, a referring expression, or points in images with a Qwen-VL model,
     local (transformers) or served (--backend openai --base-url URL).
@@ -269,7 +273,7 @@ def detect(
     from grounding.detector import Detector
 
     engine, wanted, _ = _setup(locals(), classes, ontology, prompt)
-    detector = Detector(engine, batch_size=batch_size)
+    detector = Detector(engine, batch_size=batch_size, min_score=min_score)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     failed = 0
@@ -352,6 +356,7 @@ def label(
     token_param: TokenParam = "max_tokens",
     logprobs: Logprobs = True,
     json_schema: JsonSchema = False,
+    min_score: MinScore = None,
 ) -> None:
     """Auto-label a folder of images into a run directory, resumably.
 
@@ -374,7 +379,7 @@ def label(
     if not images_dir.is_dir():
         raise typer.BadParameter(f"{images_dir} is not a directory", param_hint="IMAGES_DIR")
     engine, wanted, mapping = _setup(locals(), classes, ontology, prompt, need_classes=True)
-    detector = Detector(engine, batch_size=batch_size)
+    detector = Detector(engine, batch_size=batch_size, min_score=min_score)
     query = Query.make(wanted, prompt, points=points, system=system)
     run = RunDir(out)
     columns = (TextColumn("{task.description}"), BarColumn(),

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from grounding.assemble import result_from_text
+from grounding.assemble import build_result
 from grounding.backends.base import Backend, Generation, Request
 from grounding.classes import ClassMap
+from grounding.confidence import score_objects
 from grounding.errors import GroundingError
 from grounding.images import ImageSource, describe, load_image
 from grounding.prefetch import prefetch
@@ -82,7 +83,8 @@ class Detector:
     """
 
     def __init__(self, backend: Backend | str | None = None, *, batch_size: int | None = None,
-                 io_workers: int = 4, **backend_options) -> None:
+                 io_workers: int = 4, min_score: float | None = None,
+                 **backend_options) -> None:
         if backend is None or isinstance(backend, str):
             from grounding.backends.local import DEFAULT_MODEL, LocalBackend
 
@@ -90,6 +92,8 @@ class Detector:
         self.backend = backend
         self.batch_size = max(1, batch_size or getattr(backend, "preferred_batch", 4))
         self.io_workers = io_workers
+        self.min_score = min_score
+        """Drop boxes and points scored below this (grounding.confidence); None keeps all."""
 
     def detect(self, image: ImageSource, classes=None, prompt: str | None = None, *,
                points: bool = False, system: str | None = None) -> Result:
@@ -187,10 +191,12 @@ class Detector:
             return Result(image=name, width=image.width, height=image.height,
                           model=self.backend.model, dialect=self.backend.dialect.name,
                           error=f"{name}: {type(out).__name__}: {out}")
-        result = result_from_text(
-            out.text, self.backend.dialect, image_size=image.size, input_size=out.input_size,
-            classes=query.classes, model=self.backend.model, image=name,
-            truncated=out.truncated,
+        parsed = self.backend.dialect.parse(out.text)
+        scores = score_objects(out.text, parsed.objects, out.tokens, out.token_logprobs)
+        result = build_result(
+            parsed, self.backend.dialect, image_size=image.size, input_size=out.input_size,
+            classes=query.classes, raw=out.text, model=self.backend.model, image=name,
+            truncated=out.truncated, scores=scores, min_score=self.min_score,
         )
         result.prompt = prompt
         result.generation = out

@@ -50,6 +50,7 @@ def run_config(detector: Detector, query: Query, images_dir: Path, shard: tuple[
         "max_pixels": getattr(backend, "max_pixels", None),
         "max_new_tokens": getattr(backend, "max_new_tokens", None),
         "shard": f"{shard[0]}/{shard[1]}",
+        "min_score": detector.min_score,
         "grounding_version": __version__,
     }
 

@@ -26,7 +26,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", 
 
 # What must not change between sessions of one run: these decide what the labels mean.
 CONFIG_KEYS = ("images_dir", "backend", "model", "dialect", "prompt", "classes", "ontology",
-               "task", "system", "min_pixels", "max_pixels", "max_new_tokens", "shard")
+               "task", "system", "min_pixels", "max_pixels", "max_new_tokens", "shard",
+               "min_score")
 
 
 class RunConfigError(GroundingError):

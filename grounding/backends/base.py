@@ -10,6 +10,9 @@ from PIL import Image
 from grounding.dialects import Dialect
 from grounding.geometry import Size
 
+TOP_LOGPROBS = 10
+"""How many alternatives per generated token the backends keep."""
+
 
 @dataclass(frozen=True)
 class Request:
@@ -20,6 +23,8 @@ class Request:
     system: str | None = None
     task: str = "boxes"
     """``boxes`` or ``points``: lets a server constrain its output to the right schema."""
+    max_new_tokens: int | None = None
+    """Overrides the backend's limit for this request (a yes/no question needs one token)."""
 
 
 @dataclass
@@ -37,6 +42,9 @@ class Generation:
     truncated: bool = False
     tokens: list[str] | None = None
     token_logprobs: list[float] | None = None
+    top_logprobs: list[dict[str, float]] | None = None
+    """Per generated token, the TOP_LOGPROBS most likely tokens and their log-probabilities
+    (what a yes/no question is read from)."""
     timings: dict[str, float] = field(default_factory=dict)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from PIL import Image
 
-from grounding.backends.base import Generation, Request
+from grounding.backends.base import TOP_LOGPROBS, Generation, Request
 from grounding.dialects import Dialect, get_dialect
 from grounding.errors import GeometryError, GroundingError
 from grounding.geometry import Size, model_frame, resolve_budget
@@ -110,6 +110,9 @@ class LocalBackend:
         self.eos_ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
         self.pad_id = tokenizer.pad_token_id
 
+    def _token_text(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
     def frame(self, image_size: Size) -> Size:
         return model_frame(self.dialect, *image_size, min_pixels=self.min_pixels,
                            max_pixels=self.max_pixels)
@@ -153,26 +156,36 @@ class LocalBackend:
                                     f"{frame[0]}x{frame[1]} was expected")
         inputs = inputs.to(self.net.device)
         t1 = time.perf_counter()
+        limit = max(r.max_new_tokens or self.max_new_tokens for r in requests)
         with torch.inference_mode():
             out = self.net.generate(
-                **inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                **inputs, max_new_tokens=limit, do_sample=False,
                 output_logits=True, return_dict_in_generate=True,
                 pad_token_id=self.pad_id,
             )
         t2 = time.perf_counter()
         new = out.sequences[:, inputs["input_ids"].shape[1]:].cpu()
-        logits = torch.stack(out.logits, dim=1).float()
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        all_logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1).cpu()
+        logprobs = all_logprobs.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        top_values, top_ids = all_logprobs.topk(TOP_LOGPROBS, dim=-1)
         results = []
-        for row, row_lp, frame in zip(new.tolist(), logprobs.cpu().tolist(), seen, strict=True):
+        for b, (row, request, frame) in enumerate(zip(new.tolist(), requests, seen,
+                                                      strict=True)):
             stop = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
             ids = row if stop is None else row[:stop]
+            top = [
+                {self._token_text(t): v for t, v in zip(top_ids[b, i].tolist(),
+                                                         top_values[b, i].tolist(), strict=True)}
+                for i in range(len(ids))
+            ]
             results.append(Generation(
                 text=self.tokenizer.decode(ids, skip_special_tokens=False),
                 input_size=frame,
-                truncated=stop is None and len(row) >= self.max_new_tokens,
-                tokens=[self.tokenizer.decode([t], skip_special_tokens=False) for t in ids],
-                token_logprobs=row_lp[: len(ids)],
+                truncated=stop is None and len(row) >= (request.max_new_tokens or
+                                                         self.max_new_tokens),
+                tokens=[self._token_text(t) for t in ids],
+                token_logprobs=logprobs[b, : len(ids)].tolist(),
+                top_logprobs=top,
             ))
         t3 = time.perf_counter()
         n = len(requests)

@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image
 
-from grounding.backends.base import Generation, Request
+from grounding.backends.base import TOP_LOGPROBS, Generation, Request
 from grounding.dialects import Dialect, get_dialect, guess_dialect
 from grounding.errors import GroundingError
 from grounding.geometry import Size, model_frame, resolve_budget
@@ -426,9 +426,11 @@ class OpenAIBackend:
             {"type": "text", "text": request.prompt},
         ]})
         body: dict[str, Any] = {"model": self.model, "messages": messages,
-                                self.token_param: self.max_new_tokens, "temperature": 0.0}
+                                self.token_param: request.max_new_tokens or self.max_new_tokens,
+                                "temperature": 0.0}
         if self.logprobs:
             body["logprobs"] = True
+            body["top_logprobs"] = TOP_LOGPROBS
         if self.json_schema and self.dialect.name in ("qwen2.5-vl", "qwen3-vl"):
             body["response_format"] = json_schema(request.task)
         body.update(self.extra_body)
@@ -518,12 +520,16 @@ class OpenAIBackend:
         tokens = logprobs = None
         entries = (choice.get("logprobs") or {}).get("content") if isinstance(
             choice.get("logprobs"), dict) else None
+        top = None
         if entries:
             tokens = [str(e.get("token", "")) for e in entries]
             logprobs = [float(e.get("logprob", 0.0)) for e in entries]
+            top = [{str(t.get("token", "")): float(t.get("logprob", 0.0))
+                    for t in (e.get("top_logprobs") or []) if isinstance(t, dict)}
+                   for e in entries]
         return Generation(text=content, input_size=frame,
                           truncated=choice.get("finish_reason") in TRUNCATED_REASONS,
-                          tokens=tokens, token_logprobs=logprobs)
+                          tokens=tokens, token_logprobs=logprobs, top_logprobs=top)
 
     def _scrub(self, text: str) -> str:
         """Never let the API key into a message, a record or a log line."""
