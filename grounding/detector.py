@@ -141,19 +141,15 @@ class Detector:
                 if image is not None:
                     yield Request(image, text, query.system, query.task)
 
-        def failed(name: str, error: str) -> Result:
-            return Result(image=name, model=self.backend.model,
-                          dialect=self.backend.dialect.name, error=error)
-
         for out in self.backend.stream(requests()):
             while entries[0][1] is None:
                 name, _, error = entries.popleft()
-                yield failed(name, error)
+                yield self._failed(name, error)
             name, image, _ = entries.popleft()
             yield self._result(name, image, out, query, text)
         while entries:
             name, _, error = entries.popleft()
-            yield failed(name, error)
+            yield self._failed(name, error)
 
     def _loaded(self, images: Iterable[ImageSource], ahead: int):
         """(name, image, error) per input, in order, files decoded in worker threads."""
@@ -173,8 +169,7 @@ class Detector:
         good = [it for it in items if it[2] is not None]
         for index, name, _, error in items:
             if error is not None:
-                results[index] = Result(image=name, model=self.backend.model,
-                                        dialect=self.backend.dialect.name, error=error)
+                results[index] = self._failed(name, error)
         good.sort(key=lambda it: self.backend.frame(it[2].size))
         for start in range(0, len(good), size):
             batch = good[start : start + size]
@@ -184,6 +179,11 @@ class Detector:
                 results[index] = self._result(name, image, out, query, text)
         for index, *_ in items:
             yield results[index]
+
+    def _failed(self, name: str, error: str) -> Result:
+        """The record of an image that could not be read."""
+        return Result(image=name, model=self.backend.model, dialect=self.backend.dialect.name,
+                      error=error)
 
     def _result(self, name: str, image: Image.Image, out: Generation | Exception,
                 query: Query, prompt: str) -> Result:
