@@ -6,6 +6,7 @@ __version__ = "0.1.0"
 
 from grounding.assemble import build_result, result_from_text
 from grounding.classes import ClassMap
+from grounding.detector import Detector
 from grounding.dialects import DIALECTS, Dialect, get_dialect, parse
 from grounding.errors import GeometryError, GroundingError, ImageLoadError
 from grounding.geometry import model_frame, smart_resize
@@ -17,6 +18,7 @@ __all__ = [
     "DIALECTS",
     "Box",
     "ClassMap",
+    "Detector",
     "Dialect",
     "GeometryError",
     "GroundingError",

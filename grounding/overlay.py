@@ -23,7 +23,8 @@ def annotate(image: Image.Image, result: Result) -> Image.Image:
         labels = [name or "?" for name in detections.data["class_name"]]
         scene = sv.BoxAnnotator(thickness=thickness).annotate(scene, detections)
         scene = sv.LabelAnnotator(text_scale=text_scale, text_thickness=thickness,
-                                  text_position=sv.Position.TOP_LEFT).annotate(
+                                  text_position=sv.Position.TOP_LEFT,
+                                  smart_position=True).annotate(
             scene, detections, labels=labels)
     if result.points:
         xy = np.array([[p.point] for p in result.points], dtype=np.float32)
