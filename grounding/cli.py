@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -160,6 +161,12 @@ MinScore = Annotated[float | None, typer.Option(
          "unscored ones are kept).")]
 JsonSchema = Annotated[bool, typer.Option(
     help="openai: ask the server for JSON-schema-constrained output (vLLM).")]
+Verify = Annotated[bool, typer.Option(
+    "--verify", help='Ask the model about every box "Is this a LABEL? Answer yes or no." '
+                     "(a crop with context, one token) and drop the boxes it doubts; the "
+                     "score is kept as attributes.verify_score (see README).")]
+VerifyThreshold = Annotated[float, typer.Option(
+    min=0.0, max=1.0, help="--verify: drop boxes with P(yes) / (P(yes) + P(no)) below this.")]
 
 
 def make_backend(kind: str, *, model: str | None, dialect: str | None, device: str | None,
@@ -214,11 +221,22 @@ def _setup(options: dict, classes: str | None, ontology: Path | None, prompt: st
         raise typer.BadParameter("give --classes, --ontology or --prompt")
     try:
         mapping = load_ontology(ontology) if ontology is not None else None
-        engine = make_backend(options["backend"], **{k: options[k] for k in _BACKEND_ARGS})
+    except GroundingError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    return _engine(options), mapping if mapping is not None else classes, mapping
+
+
+def _engine(options: dict):
+    """The backend a command's options describe; exits 2 with one line when it cannot be
+    had (a missing model, an unreachable server, a bad option value)."""
+    try:
+        return make_backend(options["backend"], **{k: options[k] for k in _BACKEND_ARGS})
     except (GroundingError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    return engine, mapping if mapping is not None else classes, mapping
+
+
 
 
 def _stderr_console():
@@ -260,6 +278,8 @@ def detect(
     logprobs: Logprobs = True,
     json_schema: JsonSchema = False,
     min_score: MinScore = None,
+    verify: Verify = False,
+    verify_threshold: VerifyThreshold = 0.5,
 ) -> None:
     """Find classes, a referring expression, or points in images with a Qwen-VL model,
     local (transformers) or served (--backend openai --base-url URL).
@@ -273,7 +293,8 @@ def detect(
     from grounding.detector import Detector
 
     engine, wanted, _ = _setup(locals(), classes, ontology, prompt)
-    detector = Detector(engine, batch_size=batch_size, min_score=min_score)
+    detector = Detector(engine, batch_size=batch_size, min_score=min_score, verify=verify,
+                        verify_threshold=verify_threshold)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     failed = 0
@@ -299,6 +320,106 @@ def detect(
     if failed:
         typer.echo(f"error: {failed} of {len(images)} images failed (see their records)",
                    err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def ask(
+    image: Annotated[Path, typer.Argument(help="The image the detections were made on.")],
+    question: Annotated[str, typer.Argument(
+        help="The question, e.g. 'What colour is it? Answer in JSON as {\"color\": ...}'; "
+             "{label} is replaced by each detection's label.")],
+    detections: Annotated[Path, typer.Option(
+        "--detections", help="A grounding record (grounding detect's output: one JSON "
+                             "record, or JSON lines, where the record of IMAGE is used).")],
+    about: Annotated[str, typer.Option(
+        help="each: ask about every detection (a crop with context); all: ask once about "
+             "the image with the boxes drawn and numbered 1..N.")] = "each",
+    out: Annotated[Path | None, typer.Option(
+        help="Write the updated record (answers in the detections' attributes, or in "
+             '"answers" for --about all) to this JSON file.')] = None,
+    backend: BackendKind = "local",
+    model: Model = None,
+    dialect: DialectOpt = None,
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, help="Questions handed to the backend at once.")] = None,
+    max_new_tokens: MaxNewTokens = 256,
+    min_pixels: MinPixels = None,
+    max_pixels: MaxPixels = None,
+    system: System = None,
+    device: Device = None,
+    base_url: BaseUrl = None,
+    api_key_env: ApiKeyEnv = None,
+    api_key_header: ApiKeyHeader = "Authorization",
+    header: Header = None,
+    endpoint: Endpoint = "/chat/completions",
+    concurrency: Concurrency = 8,
+    timeout: Timeout = 120.0,
+    max_retries: MaxRetries = 5,
+    token_param: TokenParam = "max_tokens",
+    logprobs: Logprobs = True,
+) -> None:
+    """Ask a question about each detection of a record (a crop of it) or about all of them
+    (the image with the boxes numbered), and print the answers.
+
+    An answer holding a JSON object ({"color": "red"}) has its keys merged into the
+    detection's attributes, any other answer is kept as attributes.answer. Example:
+    grounding ask street.jpg 'What colour is this {label}? Answer as JSON {"color": ...}'
+    --detections street.json --out street.qa.json
+    """
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from grounding.images import load_image
+    from grounding.qa import ask_with_answers, first_object, pick_record, read_records
+    from grounding.result import Result
+
+    if about not in ("each", "all"):
+        raise typer.BadParameter("expected each or all", param_hint="--about")
+    try:
+        record = pick_record(read_records(detections), image, str(detections))
+        result = Result.from_record(record)
+        if result.error:
+            raise GroundingError(f"the record of {image} is an error: {result.error}")
+        picture = load_image(image)
+        if result.image_size is not None and picture.size != result.image_size:
+            raise GroundingError(
+                f"{image} is {picture.width}x{picture.height} but the record is for "
+                f"{result.width}x{result.height}: is it the image the detections were made on?")
+    except GroundingError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if not question.strip():
+        raise typer.BadParameter("the question is empty", param_hint="QUESTION")
+    engine = _engine({**locals(), "json_schema": False})
+    answered, texts = ask_with_answers(result, picture, engine, question, about=about,
+                                       batch_size=batch_size, system=system)
+    failed = 0
+    if about == "all":
+        entry = answered.answers[-1]
+        if entry.get("error"):
+            failed = 1
+            typer.echo(f"error: {entry['error']}", err=True)
+        else:
+            typer.echo(entry["answer"])
+    else:
+        table = Table(title=Text(f"{question} ({len(answered.boxes)} detections)"))
+        for column in ("#", "label", "answer"):
+            table.add_column(column, overflow="fold")
+        for i, (box, text) in enumerate(zip(answered.boxes, texts, strict=True), 1):
+            if text is None:
+                failed += 1
+                text = f"failed: {box.attributes['ask_error']}"
+            elif found := first_object(text):
+                text = json.dumps(found, ensure_ascii=False)
+            table.add_row(str(i), Text(box.label or ""), Text(text))
+        Console(width=max(100, shutil.get_terminal_size().columns)).print(table)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(answered.to_json(indent=1) + "\n", encoding="utf-8")
+    if failed:
+        typer.echo(f"error: {failed} questions failed", err=True)
         raise typer.Exit(1)
 
 
@@ -357,6 +478,8 @@ def label(
     logprobs: Logprobs = True,
     json_schema: JsonSchema = False,
     min_score: MinScore = None,
+    verify: Verify = False,
+    verify_threshold: VerifyThreshold = 0.5,
 ) -> None:
     """Auto-label a folder of images into a run directory, resumably.
 
@@ -379,7 +502,8 @@ def label(
     if not images_dir.is_dir():
         raise typer.BadParameter(f"{images_dir} is not a directory", param_hint="IMAGES_DIR")
     engine, wanted, mapping = _setup(locals(), classes, ontology, prompt, need_classes=True)
-    detector = Detector(engine, batch_size=batch_size, min_score=min_score)
+    detector = Detector(engine, batch_size=batch_size, min_score=min_score, verify=verify,
+                        verify_threshold=verify_threshold)
     query = Query.make(wanted, prompt, points=points, system=system)
     run = RunDir(out)
     columns = (TextColumn("{task.description}"), BarColumn(),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -84,6 +85,7 @@ class Detector:
 
     def __init__(self, backend: Backend | str | None = None, *, batch_size: int | None = None,
                  io_workers: int = 4, min_score: float | None = None,
+                 verify: bool = False, verify_threshold: float = 0.5,
                  **backend_options) -> None:
         if backend is None or isinstance(backend, str):
             from grounding.backends.local import DEFAULT_MODEL, LocalBackend
@@ -94,11 +96,17 @@ class Detector:
         self.io_workers = io_workers
         self.min_score = min_score
         """Drop boxes and points scored below this (grounding.confidence); None keeps all."""
+        self.verify = verify
+        """Ask the model about every box whether it shows its label (grounding.verify)."""
+        self.verify_threshold = verify_threshold
+        """With ``verify``: drop boxes whose probability of "yes" is below this."""
 
     def detect(self, image: ImageSource, classes=None, prompt: str | None = None, *,
-               points: bool = False, system: str | None = None) -> Result:
+               points: bool = False, system: str | None = None, verify: bool | None = None,
+               verify_threshold: float | None = None) -> Result:
         """Detect in one image; a bad image raises :class:`ImageLoadError`."""
-        result = next(self.detect_many([image], classes, prompt, points=points, system=system))
+        result = next(self.detect_many([image], classes, prompt, points=points, system=system,
+                                       verify=verify, verify_threshold=verify_threshold))
         if result.error:
             raise GroundingError(result.error)
         return result
@@ -106,16 +114,41 @@ class Detector:
     def detect_many(self, images: Iterable[ImageSource], classes=None,
                     prompt: str | None = None, *, points: bool = False,
                     system: str | None = None, batch_size: int | None = None,
-                    window: int = 8) -> Iterator[Result]:
+                    window: int = 8, verify: bool | None = None,
+                    verify_threshold: float | None = None) -> Iterator[Result]:
         """Results in input order; a bad image yields a Result with ``error`` set.
 
         Images are decoded in ``io_workers`` threads while the model works, read up to
         ``window`` batches ahead and grouped by model-frame size inside that window, so a
         batch pads little; memory stays bounded by the window.
+
+        ``verify`` (default: the detector's) asks the model about every box whether it
+        shows its label and drops boxes whose probability of "yes" is under
+        ``verify_threshold`` (grounding.verify); the boxes of ``batch_size`` images are
+        verified together.
         """
         query = Query.make(classes, prompt, points=points, system=system)
-        text = query.text(self.backend.dialect)
         size = batch_size or self.batch_size
+        if not (self.verify if verify is None else verify):
+            yield from self._detect_many(images, query, size, window)
+            return
+        from grounding.verify import verified
+
+        threshold = self.verify_threshold if verify_threshold is None else verify_threshold
+        if not hasattr(self.backend, "stream"):
+            yield from verified(self._detect_many(images, query, size, window), self.backend,
+                                threshold=threshold, chunk=size, batch_size=size)
+            return
+        # A server: detect a chunk of images to the end, then verify its boxes, so the two
+        # streams never overlap and at most ``concurrency`` requests are in flight.
+        source = iter(images)
+        while chunk := list(itertools.islice(source, size)):
+            yield from verified(self._detect_many(chunk, query, size, window), self.backend,
+                                threshold=threshold, chunk=size, batch_size=size)
+
+    def _detect_many(self, images: Iterable[ImageSource], query: Query, size: int,
+                     window: int) -> Iterator[Result]:
+        text = query.text(self.backend.dialect)
         if hasattr(self.backend, "stream"):
             yield from self._stream(images, query, text, size * window)
             return

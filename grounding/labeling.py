@@ -51,6 +51,8 @@ def run_config(detector: Detector, query: Query, images_dir: Path, shard: tuple[
         "max_new_tokens": getattr(backend, "max_new_tokens", None),
         "shard": f"{shard[0]}/{shard[1]}",
         "min_score": detector.min_score,
+        "verify": bool(detector.verify),
+        "verify_threshold": detector.verify_threshold if detector.verify else None,
         "grounding_version": __version__,
     }
 

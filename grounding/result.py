@@ -80,7 +80,11 @@ class Result:
     error: str | None = None
     dropped: dict[str, int] = field(default_factory=dict)
     """Objects read but not kept, by reason: ``no_area`` (box empty after clipping),
-    ``outside`` (point off the image), ``invalid`` (unusable coordinates)."""
+    ``outside`` (point off the image), ``invalid`` (unusable coordinates), ``low_score``
+    (below ``--min-score``), ``unverified`` (``--verify`` doubted them)."""
+    answers: list[dict[str, Any]] = field(default_factory=list)
+    """Questions asked about the whole set of detections and the model's answers:
+    ``[{"question": ..., "answer": ...}]`` (grounding.qa); in the record only when any."""
     # Runtime only, not part of the record:
     prompt: str | None = field(default=None, repr=False, compare=False)
     generation: Any = field(default=None, repr=False, compare=False)
@@ -142,7 +146,7 @@ class Result:
             "truncated": self.truncated,
             "error": self.error,
             "dropped": dict(self.dropped),
-        }
+        } | ({"answers": [dict(a) for a in self.answers]} if self.answers else {})
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_record(), ensure_ascii=False, **kwargs)
@@ -163,11 +167,21 @@ class Result:
             truncated=bool(record.get("truncated")),
             error=record.get("error"),
             dropped=dict(record.get("dropped") or {}),
+            answers=[dict(a) for a in record.get("answers") or []],
         )
 
     @classmethod
     def from_json(cls, text: str) -> Result:
         return cls.from_record(json.loads(text))
+
+    def ask(self, question: str, backend, *, about: str = "each", image=None, **options
+            ) -> Result:
+        """Ask ``backend`` a question about each detection (``about="each"``: answers land
+        in the boxes' attributes) or about the whole numbered set (``about="all"``: the
+        answer is appended to ``answers``); returns the updated copy. See grounding.qa."""
+        from grounding.qa import ask
+
+        return ask(self, image, backend, question, about=about, **options)
 
     def to_detections(self):
         """As ``supervision.Detections``; labels in ``data["class_name"]``.

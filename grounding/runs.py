@@ -27,7 +27,10 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", 
 # What must not change between sessions of one run: these decide what the labels mean.
 CONFIG_KEYS = ("images_dir", "backend", "model", "dialect", "prompt", "classes", "ontology",
                "task", "system", "min_pixels", "max_pixels", "max_new_tokens", "shard",
-               "min_score")
+               "min_score", "verify", "verify_threshold")
+CONFIG_DEFAULTS = {"verify": False}
+"""What a key added to CONFIG_KEYS later means in a run.json written before it existed,
+so older runs still resume."""
 
 
 class RunConfigError(GroundingError):
@@ -156,9 +159,10 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         if self.run_json.exists():
             old = self.config()
-            changed = [k for k in CONFIG_KEYS if old.get(k) != config.get(k)]
+            before = {k: old.get(k, CONFIG_DEFAULTS.get(k)) for k in CONFIG_KEYS}
+            changed = [k for k in CONFIG_KEYS if before[k] != config.get(k)]
             if changed and not force:
-                details = "; ".join(f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in changed)
+                details = "; ".join(f"{k}: {before[k]!r} -> {config.get(k)!r}" for k in changed)
                 raise RunConfigError(
                     f"{self.path} was labelled with another configuration ({details}). Use a "
                     "new --out directory, or --force to start this one over (the old "

@@ -28,7 +28,7 @@ def test_committed_notebook_is_stripped():
     assert not dirty, f"strip the outputs of cells {dirty} before committing"
 
 
-def test_notebook_has_the_visual_qa_placeholder():
+def test_notebook_has_the_visual_qa_section():
     sources = [cell.source for cell in _read().cells if cell.cell_type == "markdown"]
     assert any(s.startswith("## Ask a question about the detections") for s in sources)
 

@@ -431,7 +431,8 @@ class OpenAIBackend:
         if self.logprobs:
             body["logprobs"] = True
             body["top_logprobs"] = TOP_LOGPROBS
-        if self.json_schema and self.dialect.name in ("qwen2.5-vl", "qwen3-vl"):
+        if (self.json_schema and self.dialect.name in ("qwen2.5-vl", "qwen3-vl")
+                and request.task in ("boxes", "points")):  # not yes/no or free answers
             body["response_format"] = json_schema(request.task)
         body.update(self.extra_body)
         return body

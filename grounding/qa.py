@@ -1,0 +1,257 @@
+"""Visual questions about detections: about each box, or about the whole numbered set.
+
+``about="each"``: every box is cut out with context (grounding.verify.crop_with_context)
+and the question is asked about the crop, all boxes in one stream or batched. An answer
+holding a JSON object (``{"color": "red"}``, fenced or inside prose) has its keys merged
+into the box's ``attributes``; any other answer is stored as ``attributes["answer"]``.
+``{label}`` in the question is replaced by the box's label.
+
+``about="all"``: the boxes are drawn on the image numbered 1..N and the question is asked
+once, prefixed with "The boxes are numbered 1 to N."; the answer is appended to
+``result.answers`` as ``{"question", "answer"}``.
+
+Points are not asked about (they have no region to show).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from grounding.backends.base import Backend, Generation, Request
+from grounding.errors import GroundingError
+from grounding.images import ImageSource
+from grounding.parsing import load_lenient
+from grounding.result import Result
+from grounding.verify import (
+    DEFAULT_CONTEXT,
+    DEFAULT_MIN_SIDE,
+    copy_result,
+    crop_with_context,
+    image_for,
+    run_requests,
+)
+
+log = logging.getLogger("grounding")
+
+About = Literal["each", "all"]
+
+
+def first_object(text: str) -> dict[str, Any] | None:
+    """The first ``{...}`` in ``text`` that parses (JSON, or lenient Python-literal syntax)
+    as an object; None when there is none."""
+    start = text.find("{")
+    while start >= 0:
+        depth = 0
+        quote: str | None = None
+        escaped = False
+        for end in range(start, len(text)):
+            c = text[end]
+            if quote is not None:
+                if escaped:
+                    escaped = False
+                elif c == "\\":
+                    escaped = True
+                elif c == quote:
+                    quote = None
+            elif c in "\"'":
+                quote = c
+            elif c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0:
+                    value = load_lenient(text[start : end + 1])
+                    if isinstance(value, dict):
+                        return value
+                    break
+        start = text.find("{", start + 1)
+    return None
+
+
+def answer_attributes(text: str) -> dict[str, Any]:
+    """What an answer adds to a box's attributes: the keys of the JSON object in it, else
+    ``{"answer": text}`` (stripped)."""
+    found = first_object(text)
+    if found:
+        return {str(k): v for k, v in found.items()}
+    return {"answer": text.strip()}
+
+
+def numbered(image: Image.Image, result: Result) -> Image.Image:
+    """A copy of ``image`` with the result's boxes drawn and labelled 1..N, each number in
+    its box's colour at the box's top-left corner."""
+    import supervision as sv
+
+    scene = np.array(image.convert("RGB"))
+    n = len(result.boxes)
+    if not n:
+        return Image.fromarray(scene)
+    detections = sv.Detections(xyxy=result.xyxy.astype(np.float32),
+                               class_id=np.arange(n, dtype=int))
+    thickness = max(2, round(min(image.size) / 300))
+    text_scale = max(0.5, min(image.size) / 800)
+    scene = sv.BoxAnnotator(thickness=thickness, color_lookup=sv.ColorLookup.INDEX).annotate(
+        scene, detections)
+    scene = sv.LabelAnnotator(text_scale=text_scale, text_thickness=thickness,
+                              text_position=sv.Position.TOP_LEFT,
+                              color_lookup=sv.ColorLookup.INDEX).annotate(
+        scene, detections, labels=[str(i + 1) for i in range(n)])
+    return Image.fromarray(scene)
+
+
+def all_prompt(question: str, n: int) -> str:
+    """The question about the whole set, as asked with the numbered image."""
+    if n == 0:
+        return question
+    if n == 1:
+        return f"The box is numbered 1. {question}"
+    return f"The boxes are numbered 1 to {n}. {question}"
+
+
+def _failure(out: Generation | Exception) -> str | None:
+    return f"{type(out).__name__}: {out}" if isinstance(out, Exception) else None
+
+
+def ask(result: Result, image: ImageSource | None, backend: Backend, question: str, *,
+        about: About = "each", batch_size: int | None = None, system: str | None = None,
+        max_new_tokens: int | None = None, context: float = DEFAULT_CONTEXT,
+        min_side: int = DEFAULT_MIN_SIDE) -> Result:
+    """Ask ``question`` about each detection of ``result`` or about all of them at once;
+    returns an updated copy (the given result is left as it is).
+
+    ``image`` is the result's image (None: the attached one, else its ``image`` path).
+    A failed request is stored as ``attributes["ask_error"]`` (each) or as the answer's
+    ``error`` (all), never raised.
+    """
+    return ask_with_answers(result, image, backend, question, about=about,
+                            batch_size=batch_size, system=system,
+                            max_new_tokens=max_new_tokens, context=context,
+                            min_side=min_side)[0]
+
+
+def ask_with_answers(result: Result, image: ImageSource | None, backend: Backend,
+                     question: str, *, about: About = "each", batch_size: int | None = None,
+                     system: str | None = None, max_new_tokens: int | None = None,
+                     context: float = DEFAULT_CONTEXT, min_side: int = DEFAULT_MIN_SIDE
+                     ) -> tuple[Result, list[str | None]]:
+    """:func:`ask`, and the answers' texts as the model wrote them (stripped): one per
+    box for ``each``, one for ``all``; None where the request failed."""
+    if about not in ("each", "all"):
+        raise ValueError(f"about must be 'each' or 'all', not {about!r}")
+    if not question.strip():
+        raise ValueError("empty question")
+    if result.error:
+        raise ValueError(f"the result is an error record: {result.error}")
+    picture = image_for(result, image)
+    out = copy_result(result)
+    if about == "all":
+        request = Request(numbered(picture, out), all_prompt(question, len(out.boxes)), system,
+                          task="text", max_new_tokens=max_new_tokens)
+        [generation] = run_requests(backend, [request], batch_size)
+        entry: dict[str, Any] = {"question": question}
+        error = _failure(generation)
+        if error:
+            entry["answer"] = None
+            entry["error"] = error
+        else:
+            entry["answer"] = generation.text.strip()
+        out.answers.append(entry)
+        return out, [entry["answer"]]
+    requests = []
+    for box in out.boxes:
+        crop, _ = crop_with_context(picture, box, context, min_side)
+        prompt = question.replace("{label}", box.label or "object")
+        requests.append(Request(crop, prompt, system, task="text", max_new_tokens=max_new_tokens))
+    texts: list[str | None] = []
+    for box, generation in zip(out.boxes, run_requests(backend, requests, batch_size),
+                               strict=True):
+        error = _failure(generation)
+        if error:
+            box.attributes["ask_error"] = error
+            texts.append(None)
+        else:
+            box.attributes.update(answer_attributes(generation.text))
+            texts.append(generation.text.strip())
+    failures = texts.count(None)
+    if failures:
+        log.warning("grounding: %d of %d questions failed", failures, len(requests))
+    return out, texts
+
+
+# ------------------------------------------------------------------------ record files
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a file: one JSON record (``grounding detect --out``), a JSON list of
+    them, or JSON lines (``grounding detect`` on stdout, a label run's predictions.jsonl)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GroundingError(f"cannot read {path}: {exc}") from None
+    try:
+        whole = json.loads(text)
+    except ValueError:
+        whole = None
+    if isinstance(whole, dict):
+        return [whole]
+    if isinstance(whole, list):
+        records = [r for r in whole if isinstance(r, dict)]
+    else:
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise GroundingError(f"{path}:{number} is not a JSON record") from None
+            if isinstance(record, dict):
+                records.append(record)
+    if not records:
+        raise GroundingError(f"{path} holds no grounding record")
+    return records
+
+
+def pick_record(records: list[dict[str, Any]], image: str | Path,
+                source: str = "the file") -> dict[str, Any]:
+    """The record whose ``image`` is ``image``: the same path (as written or resolved),
+    else the one whose relative path ends ``image``'s path the furthest (label runs store
+    paths relative to their folder), else the only record there is."""
+    target = Path(image)
+    try:
+        resolved = target.resolve()
+    except OSError:
+        resolved = target.absolute()
+
+    def same(name: str) -> bool:
+        if name == str(image):
+            return True
+        try:
+            return Path(name).resolve() == resolved
+        except OSError:
+            return False
+
+    named = [r for r in records if isinstance(r.get("image"), str)]
+    exact = [r for r in named if same(r["image"])]
+    if len(exact) == 1:
+        return exact[0]
+    if not exact:
+        depth = {id(r): len(Path(r["image"]).parts) for r in named
+                 if not Path(r["image"]).is_absolute()
+                 and resolved.parts[-len(Path(r["image"]).parts):] == Path(r["image"]).parts}
+        if depth:
+            best = max(depth.values())
+            exact = [r for r in named if depth.get(id(r)) == best]
+            if len(exact) == 1:
+                return exact[0]
+    if len(records) == 1:
+        return records[0]
+    if exact:
+        raise GroundingError(f"{len(exact)} records in {source} are for {image}; keep one")
+    raise GroundingError(f"no record in {source} is for {image} ({len(records)} records)")
