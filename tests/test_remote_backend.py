@@ -656,3 +656,14 @@ def test_qianfan_rate_limit_under_http_200_is_retried():
         result, _ = run_one(server)
         assert server.calls == 2
     only_box(result)
+
+
+def test_backend_works_again_after_close():
+    with LoopbackServer(handler=good()) as server:
+        backend = backend_for(server)
+        first = backend.generate([Request(one_image(), "p")])
+        backend.close()
+        second = backend.generate([Request(one_image(), "p")])
+        backend.close()
+    assert not isinstance(first[0], Exception) and not isinstance(second[0], Exception)
+    assert first[0].text == second[0].text

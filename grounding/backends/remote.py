@@ -49,6 +49,11 @@ CLIENT_CONNECTIONS = 8
 """Requests in flight per HTTP client (see OpenAIBackend._client)."""
 
 
+def _encoder_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Few threads: the compressor runs beside the loop; more would contend for the GIL."""
+    return concurrent.futures.ThreadPoolExecutor(ENCODE_THREADS, "grounding-encode")
+
+
 def _new_loop() -> asyncio.AbstractEventLoop:
     """uvloop when installed (``pip install uvloop``): the event loop is the client's serial
     path, and uvloop's costs less CPU per request (bench/remote.py)."""
@@ -271,9 +276,7 @@ class OpenAIBackend:
         self.image_format = image_format
         self.extra_body = dict(extra_body or {})
         self._clients: dict[int, list[Any]] = {}
-        # Few threads: the compressor runs beside the loop; more would only contend for the GIL.
-        self._encoder = concurrent.futures.ThreadPoolExecutor(ENCODE_THREADS,
-                                                              "grounding-encode")
+        self._encoder = _encoder_pool()
         self._turn = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
@@ -306,7 +309,7 @@ class OpenAIBackend:
 
     # -- sync facade over a private event loop ------------------------------------------
 
-    def _loop_at(self) -> asyncio.AbstractEventLoop:
+    def _event_loop(self) -> asyncio.AbstractEventLoop:
         """The private event loop, in a daemon thread of its own."""
         with self._loop_lock:
             if self._loop is None:
@@ -316,7 +319,7 @@ class OpenAIBackend:
             return self._loop
 
     def _run(self, coro: Coroutine) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop_at()).result()
+        return asyncio.run_coroutine_threadsafe(coro, self._event_loop()).result()
 
     def generate(self, requests: list[Request]) -> list[Generation | Exception]:
         return self._run(self.agenerate(requests))
@@ -325,7 +328,7 @@ class OpenAIBackend:
         """Results in input order while ``concurrency`` requests stay in flight across the
         whole stream (no batch barriers); at most ``preferred_batch`` are queued ahead, so
         memory stays bounded however long ``requests`` is."""
-        loop = self._loop_at()
+        loop = self._event_loop()
         gate = _OrderedGate(self.concurrency)
         pending: deque[concurrent.futures.Future] = deque()
         for request in requests:
@@ -336,7 +339,8 @@ class OpenAIBackend:
             yield pending.popleft().result()
 
     def close(self) -> None:
-        """Close the HTTP connections and stop the private event loop."""
+        """Close the HTTP connections and stop the private event loop and threads (a
+        later request starts them again)."""
         with self._loop_lock:
             loop, self._loop = self._loop, None
         if loop is None:
@@ -349,6 +353,8 @@ class OpenAIBackend:
         with contextlib.suppress(Exception):
             asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
+        old, self._encoder = self._encoder, _encoder_pool()  # threads start on first use
+        old.shutdown(wait=False)
 
     # -- async core ---------------------------------------------------------------------
 
