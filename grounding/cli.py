@@ -281,8 +281,9 @@ def detect(
     verify: Verify = False,
     verify_threshold: VerifyThreshold = 0.5,
 ) -> None:
-    """Find classes, a referring expression, or points in images with a Qwen-VL model,
-    local (transformers) or served (--backend openai --base-url URL).
+    """Find classes, a referring expression, or points in images.
+
+    The model runs locally (transformers) or on a server (--backend openai --base-url URL).
 
     Prints one JSON record per image (one per line) or, with --out, writes a record and
     an overlay per image. A bad image gets a record with "error" set; the others still
@@ -359,8 +360,10 @@ def ask(
     token_param: TokenParam = "max_tokens",
     logprobs: Logprobs = True,
 ) -> None:
-    """Ask a question about each detection of a record (a crop of it) or about all of them
-    (the image with the boxes numbered), and print the answers.
+    """Ask a question about each detection of a record, or about all of them.
+
+    Each detection is asked about on a crop of it; with --about all, once on the image with
+    the boxes numbered. The answers are printed.
 
     An answer holding a JSON object ({"color": "red"}) has its keys merged into the
     detection's attributes, any other answer is kept as attributes.answer. Example:
