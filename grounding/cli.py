@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import re
 import shutil
@@ -201,14 +203,48 @@ def make_backend(kind: str, *, model: str | None, dialect: str | None, device: s
                          logprobs=logprobs, json_schema=json_schema)
 
 
-_BACKEND_ARGS = ("model", "dialect", "device", "min_pixels", "max_pixels", "max_new_tokens",
-                 "base_url", "api_key_env", "api_key_header", "header", "endpoint",
-                 "concurrency", "timeout", "max_retries", "token_param", "logprobs",
-                 "json_schema")
+# Options every command that runs a model takes, defined once: (name, type, default).
+_BACKEND_OPTIONS = (
+    ("backend", BackendKind, "local"),
+    ("model", Model, None),
+    ("dialect", DialectOpt, None),
+    ("min_pixels", MinPixels, None),
+    ("max_pixels", MaxPixels, None),
+    ("device", Device, None),
+    ("base_url", BaseUrl, None),
+    ("api_key_env", ApiKeyEnv, None),
+    ("api_key_header", ApiKeyHeader, "Authorization"),
+    ("header", Header, None),
+    ("endpoint", Endpoint, "/chat/completions"),
+    ("concurrency", Concurrency, 8),
+    ("timeout", Timeout, 120.0),
+    ("max_retries", MaxRetries, 5),
+    ("token_param", TokenParam, "max_tokens"),
+    ("logprobs", Logprobs, True),
+)
+
+
+def with_backend_options(command):
+    """Give a command the backend options of _BACKEND_OPTIONS after its own; they reach it
+    as one dict, ``backend_options``, so detect, label and ask share one definition."""
+    signature = inspect.signature(command, eval_str=True)
+    own = [p for p in signature.parameters.values() if p.name != "backend_options"]
+    shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                annotation=annotation)
+              for name, annotation, default in _BACKEND_OPTIONS]
+
+    @functools.wraps(command)
+    def run(**kwargs):
+        options = {name: kwargs.pop(name) for name, _, _ in _BACKEND_OPTIONS}
+        return command(backend_options=options, **kwargs)
+
+    run.__signature__ = signature.replace(parameters=own + shared)
+    run.__annotations__ = {p.name: p.annotation for p in own + shared}
+    return run
 
 
 def _setup(options: dict, classes: str | None, ontology: Path | None, prompt: str | None,
-           *, need_classes: bool = False):
+           *, max_new_tokens: int, json_schema: bool, need_classes: bool = False):
     """(backend, classes-or-ontology, ontology dict) from a command's options; exits 2 with
     one line on a bad option, a missing model or an unreachable server."""
     from grounding.detector import load_ontology
@@ -224,19 +260,20 @@ def _setup(options: dict, classes: str | None, ontology: Path | None, prompt: st
     except GroundingError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-    return _engine(options), mapping if mapping is not None else classes, mapping
+    engine = _engine(options, max_new_tokens=max_new_tokens, json_schema=json_schema)
+    return engine, mapping if mapping is not None else classes, mapping
 
 
-def _engine(options: dict):
+def _engine(options: dict, *, max_new_tokens: int, json_schema: bool):
     """The backend a command's options describe; exits 2 with one line when it cannot be
     had (a missing model, an unreachable server, a bad option value)."""
+    settings = {k: v for k, v in options.items() if k != "backend"}
     try:
-        return make_backend(options["backend"], **{k: options[k] for k in _BACKEND_ARGS})
+        return make_backend(options["backend"], max_new_tokens=max_new_tokens,
+                            json_schema=json_schema, **settings)
     except (GroundingError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
-
-
 
 
 def _stderr_console():
@@ -246,6 +283,7 @@ def _stderr_console():
 
 
 @app.command()
+@with_backend_options
 def detect(
     images: Annotated[list[Path], typer.Argument(help="Image files to look at.")],
     classes: Classes = None,
@@ -257,29 +295,14 @@ def detect(
     out: Annotated[Path | None, typer.Option(
         help="Write DIR/<stem>.json and an overlay DIR/<stem>.jpg per image instead of "
              "JSON lines on stdout.")] = None,
-    backend: BackendKind = "local",
-    model: Model = None,
-    dialect: DialectOpt = None,
     batch_size: BatchSize = None,
     max_new_tokens: MaxNewTokens = 2048,
-    min_pixels: MinPixels = None,
-    max_pixels: MaxPixels = None,
     system: System = None,
-    device: Device = None,
-    base_url: BaseUrl = None,
-    api_key_env: ApiKeyEnv = None,
-    api_key_header: ApiKeyHeader = "Authorization",
-    header: Header = None,
-    endpoint: Endpoint = "/chat/completions",
-    concurrency: Concurrency = 8,
-    timeout: Timeout = 120.0,
-    max_retries: MaxRetries = 5,
-    token_param: TokenParam = "max_tokens",
-    logprobs: Logprobs = True,
     json_schema: JsonSchema = False,
     min_score: MinScore = None,
     verify: Verify = False,
     verify_threshold: VerifyThreshold = 0.5,
+    backend_options: dict | None = None,
 ) -> None:
     """Find classes, a referring expression, or points in images.
 
@@ -293,7 +316,8 @@ def detect(
 
     from grounding.detector import Detector
 
-    engine, wanted, _ = _setup(locals(), classes, ontology, prompt)
+    engine, wanted, _ = _setup(backend_options, classes, ontology, prompt,
+                               max_new_tokens=max_new_tokens, json_schema=json_schema)
     detector = Detector(engine, batch_size=batch_size, min_score=min_score, verify=verify,
                         verify_threshold=verify_threshold)
     if out is not None:
@@ -325,6 +349,7 @@ def detect(
 
 
 @app.command()
+@with_backend_options
 def ask(
     image: Annotated[Path, typer.Argument(help="The image the detections were made on.")],
     question: Annotated[str, typer.Argument(
@@ -339,26 +364,11 @@ def ask(
     out: Annotated[Path | None, typer.Option(
         help="Write the updated record (answers in the detections' attributes, or in "
              '"answers" for --about all) to this JSON file.')] = None,
-    backend: BackendKind = "local",
-    model: Model = None,
-    dialect: DialectOpt = None,
     batch_size: Annotated[int | None, typer.Option(
         min=1, help="Questions handed to the backend at once.")] = None,
     max_new_tokens: MaxNewTokens = 256,
-    min_pixels: MinPixels = None,
-    max_pixels: MaxPixels = None,
     system: System = None,
-    device: Device = None,
-    base_url: BaseUrl = None,
-    api_key_env: ApiKeyEnv = None,
-    api_key_header: ApiKeyHeader = "Authorization",
-    header: Header = None,
-    endpoint: Endpoint = "/chat/completions",
-    concurrency: Concurrency = 8,
-    timeout: Timeout = 120.0,
-    max_retries: MaxRetries = 5,
-    token_param: TokenParam = "max_tokens",
-    logprobs: Logprobs = True,
+    backend_options: dict | None = None,
 ) -> None:
     """Ask a question about each detection of a record, or about all of them.
 
@@ -395,7 +405,7 @@ def ask(
         raise typer.Exit(2) from None
     if not question.strip():
         raise typer.BadParameter("the question is empty", param_hint="QUESTION")
-    engine = _engine({**locals(), "json_schema": False})
+    engine = _engine(backend_options, max_new_tokens=max_new_tokens, json_schema=False)
     answered, texts = ask_with_answers(result, picture, engine, question, about=about,
                                        batch_size=batch_size, system=system)
     failed = 0
@@ -441,6 +451,7 @@ def _formats(text: str | None) -> list[str]:
 
 
 @app.command()
+@with_backend_options
 def label(
     images_dir: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", help="Run directory (created or resumed).")],
@@ -460,29 +471,14 @@ def label(
     ] = False,
     force: Annotated[bool, typer.Option(
         help="Start over if the configuration changed (old files are kept, renamed).")] = False,
-    backend: BackendKind = "local",
-    model: Model = None,
-    dialect: DialectOpt = None,
     batch_size: BatchSize = None,
     max_new_tokens: MaxNewTokens = 2048,
-    min_pixels: MinPixels = None,
-    max_pixels: MaxPixels = None,
     system: System = None,
-    device: Device = None,
-    base_url: BaseUrl = None,
-    api_key_env: ApiKeyEnv = None,
-    api_key_header: ApiKeyHeader = "Authorization",
-    header: Header = None,
-    endpoint: Endpoint = "/chat/completions",
-    concurrency: Concurrency = 8,
-    timeout: Timeout = 120.0,
-    max_retries: MaxRetries = 5,
-    token_param: TokenParam = "max_tokens",
-    logprobs: Logprobs = True,
     json_schema: JsonSchema = False,
     min_score: MinScore = None,
     verify: Verify = False,
     verify_threshold: VerifyThreshold = 0.5,
+    backend_options: dict | None = None,
 ) -> None:
     """Auto-label a folder of images into a run directory, resumably.
 
@@ -504,7 +500,9 @@ def label(
         raise typer.BadParameter(str(exc), param_hint="--shard") from None
     if not images_dir.is_dir():
         raise typer.BadParameter(f"{images_dir} is not a directory", param_hint="IMAGES_DIR")
-    engine, wanted, mapping = _setup(locals(), classes, ontology, prompt, need_classes=True)
+    engine, wanted, mapping = _setup(backend_options, classes, ontology, prompt,
+                                     max_new_tokens=max_new_tokens, json_schema=json_schema,
+                                     need_classes=True)
     detector = Detector(engine, batch_size=batch_size, min_score=min_score, verify=verify,
                         verify_threshold=verify_threshold)
     query = Query.make(wanted, prompt, points=points, system=system)
