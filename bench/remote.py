@@ -132,6 +132,14 @@ async def _raw_client(base_url: str, body: bytes, concurrency: int, n: int) -> N
     await asyncio.gather(*(connection(k) for k in counts))
 
 
+def _server(concurrency: int, latency: float, jitter: float, in_process: bool):
+    """The fixed-latency server, in a thread of this process or in a child process."""
+    if in_process:
+        return LoopbackServer(handler=fixed_handler(), latency=latency, jitter=jitter,
+                              capacity=concurrency, record=False)
+    return ServerProcess(latency, jitter, concurrency)
+
+
 def server_ceiling(concurrency: int, latency: float, n: int, image: Image.Image, *,
                    jitter: float = 0.0, in_process: bool = False) -> float:
     """images/s a minimal raw-socket client gets from the same server: what the server
@@ -142,12 +150,7 @@ def server_ceiling(concurrency: int, latency: float, n: int, image: Image.Image,
     body = json.dumps({"model": "m", "max_tokens": 2048, "logprobs": True, "messages": [
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                      {"type": "text", "text": "the red box"}]}]}).encode()
-    if in_process:
-        serving = LoopbackServer(handler=fixed_handler(), latency=latency, jitter=jitter,
-                                 capacity=concurrency, record=False)
-    else:
-        serving = ServerProcess(latency, jitter, concurrency)
-    with serving as server:
+    with _server(concurrency, latency, jitter, in_process) as server:
         t0 = time.perf_counter()
         asyncio.run(_raw_client(server.base_url, body, concurrency, n))
         return n / (time.perf_counter() - t0)
@@ -155,12 +158,7 @@ def server_ceiling(concurrency: int, latency: float, n: int, image: Image.Image,
 
 def run(concurrency: int, latency: float, n: int, imgs: list[Image.Image], *,
         jitter: float = 0.0, in_process: bool = False) -> dict[str, float]:
-    if in_process:
-        serving = LoopbackServer(handler=fixed_handler(), latency=latency, jitter=jitter,
-                                 capacity=concurrency, record=False)
-    else:
-        serving = ServerProcess(latency, jitter, concurrency)
-    with serving as server:
+    with _server(concurrency, latency, jitter, in_process) as server:
         backend = OpenAIBackend("loopback-qwen2.5-vl", base_url=server.base_url,
                                 dialect="qwen2.5-vl", concurrency=concurrency,
                                 min_pixels=SIDE * SIDE, max_pixels=SIDE * SIDE,
