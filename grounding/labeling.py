@@ -135,9 +135,10 @@ def summarize(run: RunDir) -> dict[str, Any]:
     classes = config.get("classes") or []
     per_class: Counter[str] = Counter()
     unmatched: Counter[str] = Counter()
-    images = objects = truncated = 0
+    objects = truncated = 0
+    done: set[str] = set()
     for record in read_jsonl(run.predictions):
-        images += 1
+        done.add(record.get("image"))
         truncated += bool(record.get("truncated"))
         for obj in (record.get("detections") or []) + (record.get("points") or []):
             objects += 1
@@ -146,9 +147,9 @@ def summarize(run: RunDir) -> dict[str, Any]:
                 per_class[classes[cid]] += 1
             else:
                 unmatched[str(obj.get("label"))] += 1
-    failed = run.failed()
+    failed = run.failed(done)  # one read of predictions.jsonl serves both
     return {
-        "images": images,
+        "images": len(done),
         "objects": objects,
         "objects_per_class": {c: per_class.get(c, 0) for c in classes},
         "unmatched_labels": dict(unmatched.most_common()),
