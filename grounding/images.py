@@ -70,9 +70,13 @@ def load_image(source: ImageSource, *,
                 image = opener()
             finally:
                 Image.MAX_IMAGE_PIXELS = saved
-        _check_size(image.size, max_image_pixels, name)
-        image.load()
-        shown = upright(image)
+        try:
+            _check_size(image.size, max_image_pixels, name)
+            image.load()
+            shown = upright(image)
+        except BaseException:
+            image.close()  # a bad file among millions must not hold its handle
+            raise
     except ImageLoadError:
         raise
     except UnidentifiedImageError:

@@ -82,7 +82,8 @@ def test_label_resume_export_eval_end_to_end(tmp_path):
     # Ground truth = the true boxes, as a COCO file: eval must find a near-perfect run.
     gt = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "box"}]}
     for i, (rel, (x1, y1, x2, y2)) in enumerate(sorted(truth.items()), start=1):
-        w, h = Image.open(images / rel).size
+        with Image.open(images / rel) as im:
+            w, h = im.size
         gt["images"].append({"id": i, "file_name": rel, "width": w, "height": h})
         gt["annotations"].append({"id": i, "image_id": i, "category_id": 1, "iscrowd": 0,
                                   "bbox": [x1, y1, x2 - x1, y2 - y1],

@@ -172,7 +172,8 @@ def test_cli_detect_stdout_and_out_dir(tmp_path):
     assert out.exit_code == 1
     assert "1 of 2 images failed" in out.stderr
     assert json.loads((out_dir / "bad.json").read_text())["error"]
-    assert Image.open(out_dir / "a.jpg").size == (120, 90)
+    with Image.open(out_dir / "a.jpg") as overlay:
+        assert overlay.size == (120, 90)
     assert json.loads((out_dir / "a.json").read_text())["error"] is None
 
 

@@ -114,6 +114,7 @@ def answering(request):
 
 
 def backend_for(server, **options):
+    options.setdefault("image_format", "png")  # the crops are compared pixel for pixel
     return OpenAIBackend("loopback-model", base_url=server.base_url, dialect="qwen2.5-vl",
                          backoff=0.01, max_backoff=0.05, timeout=10.0, **options)
 

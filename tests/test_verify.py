@@ -346,6 +346,7 @@ def scene(size, red_rects=(), blue_rects=()):
 
 
 def backend_for(server, **options):
+    options.setdefault("image_format", "png")  # the crops are compared pixel for pixel
     options.setdefault("timeout", 10.0)
     return OpenAIBackend("loopback-model", base_url=server.base_url, dialect="qwen2.5-vl",
                          backoff=0.01, max_backoff=0.05, **options)

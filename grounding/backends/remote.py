@@ -22,6 +22,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Coroutine, Iterable, Iterator
 from typing import Any
@@ -49,6 +50,22 @@ CLIENT_CONNECTIONS = 8
 """Requests in flight per HTTP client (see OpenAIBackend._client)."""
 
 
+JPEG_QUALITY = 95
+"""Quality of the JPEG the client sends (the default format): visually lossless, and the
+coordinates do not depend on it; ``image_format="png"`` sends the frame losslessly."""
+
+
+def _http_client(timeout: float) -> Any:
+    """The SDK over aiohttp (``openai[aiohttp]``) when installed, else None (its httpx): the
+    SDK's own transport costs about 60% more CPU per request (bench/remote.py)."""
+    import openai
+
+    try:
+        return openai.DefaultAioHttpClient(timeout=timeout)
+    except (AttributeError, RuntimeError):  # an older openai, or aiohttp not installed
+        return None
+
+
 def _encoder_pool() -> concurrent.futures.ThreadPoolExecutor:
     """Few threads: the compressor runs beside the loop; more would contend for the GIL."""
     return concurrent.futures.ThreadPoolExecutor(ENCODE_THREADS, "grounding-encode")
@@ -62,6 +79,29 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def _shutdown(loop: asyncio.AbstractEventLoop, clients: list[Any]) -> None:
+    """Close ``clients`` on ``loop``, then stop it (an open aiohttp session warns when it
+    is collected)."""
+    if loop.is_closed():
+        return
+
+    async def close_all() -> None:
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        clients.clear()
+
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:  # collected on the loop's own thread: cannot wait for it here
+        loop.create_task(close_all()).add_done_callback(lambda _: loop.stop())
+        return
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(close_all(), loop).result(timeout=10)
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(loop.stop)
 
 
 class RemoteError(GroundingError):
@@ -142,7 +182,7 @@ def _encode(image: Image.Image, frame: Size, image_format: str) -> str:
         image = image.resize(frame, Image.Resampling.BICUBIC)
     buffer = io.BytesIO()
     if image_format == "jpeg":
-        image.save(buffer, format="JPEG", quality=95)
+        image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
     else:
         image.save(buffer, format="PNG", compress_level=1)
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -241,7 +281,7 @@ class OpenAIBackend:
         token_param: str = "max_tokens",
         logprobs: bool = True,
         json_schema: bool = False,
-        image_format: str = "png",
+        image_format: str = "jpeg",
         extra_body: dict[str, Any] | None = None,
     ) -> None:
         import openai  # noqa: F401 - fail at construction, not at the first request
@@ -280,6 +320,7 @@ class OpenAIBackend:
         self._turn = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
+        self._finalizer: weakref.finalize | None = None
         self.model = model or self._run(self._first_model())
         if dialect is None:
             dialect = guess_dialect(self.model)
@@ -310,12 +351,15 @@ class OpenAIBackend:
     # -- sync facade over a private event loop ------------------------------------------
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
-        """The private event loop, in a daemon thread of its own."""
+        """The private event loop, in a daemon thread of its own; closed with its HTTP
+        clients by close() or, failing that, when the backend is collected."""
         with self._loop_lock:
             if self._loop is None:
-                self._loop = _new_loop()
-                threading.Thread(target=self._loop.run_forever, daemon=True,
+                loop = self._loop = _new_loop()
+                clients = self._clients[id(loop)] = []
+                threading.Thread(target=loop.run_forever, daemon=True,
                                  name="grounding-remote").start()
+                self._finalizer = weakref.finalize(self, _shutdown, loop, clients)
             return self._loop
 
     def _run(self, coro: Coroutine) -> Any:
@@ -345,16 +389,17 @@ class OpenAIBackend:
             loop, self._loop = self._loop, None
         if loop is None:
             return
-        clients = self._clients.pop(id(loop), [])
-
-        async def shutdown() -> None:
-            await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
-
-        with contextlib.suppress(Exception):
-            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
+        self._clients.pop(id(loop), None)
+        if self._finalizer is not None:
+            self._finalizer()
         old, self._encoder = self._encoder, _encoder_pool()  # threads start on first use
         old.shutdown(wait=False)
+
+    async def aclose(self) -> None:
+        """Close the HTTP clients that requests made on the running event loop (the async
+        API: agenerate() on your own loop)."""
+        clients = self._clients.pop(id(asyncio.get_running_loop()), [])
+        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
 
     # -- async core ---------------------------------------------------------------------
 
@@ -366,14 +411,13 @@ class OpenAIBackend:
         less CPU than one large one at high concurrency (measured with bench/remote.py)."""
         import openai
 
-        loop_id = id(asyncio.get_running_loop())
-        clients = self._clients.get(loop_id)
-        if clients is None:
+        clients = self._clients.setdefault(id(asyncio.get_running_loop()), [])
+        if not clients:  # filled in place: the private loop's finalizer holds this list
             count = max(1, -(-self.concurrency // CLIENT_CONNECTIONS))
-            clients = [openai.AsyncOpenAI(base_url=self.base_url, api_key=self._key or "none",
+            clients.extend(openai.AsyncOpenAI(base_url=self.base_url, api_key=self._key or "none",
                                           default_headers=self._headers, timeout=self.timeout,
-                                          max_retries=0) for _ in range(count)]
-            self._clients[loop_id] = clients
+                                          max_retries=0, http_client=_http_client(self.timeout))
+                           for _ in range(count))
         self._turn += 1
         return clients[self._turn % len(clients)]
 
