@@ -253,9 +253,11 @@ def test_cli_ask_each_and_all(tmp_path):
         every = runner.invoke(app, ["ask", str(image), "--detections",
                                     str(tmp_path / "each.json"), "Which box is the largest?",
                                     "--about", "all", "--out", str(tmp_path / "all.json"),
-                                    *backend])
+                                    "--image-format", "png", *backend])
         wrong = runner.invoke(app, ["ask", str(tmp_path / "small.png"), "Why?",
                                     "--detections", str(tmp_path / "each.json"), *backend])
+        sent = [r.image_bytes()[0][0] for r in server.completions]
+    assert sent[-1] == "image/png" and set(sent[:-1]) == {"image/jpeg"}  # --image-format
     assert each.exit_code == 0, each.output
     for text in ("red thing", "blue thing", "It looks green to me.", '"color": "red"'):
         assert text in each.stdout

@@ -468,7 +468,7 @@ def assert_no_secret(results, errors, caplog) -> None:
 @pytest.mark.parametrize("header", ["Authorization", "x-api-key"])
 def test_api_key_is_sent_and_never_leaks(monkeypatch, caplog, header):
     caplog.set_level(logging.DEBUG)
-    for name in ("grounding", "openai", "httpx2", "httpcore2", "httpx", "httpcore"):
+    for name in ("grounding", "openai", "httpx2", "httpcore2", "httpx", "httpcore", "aiohttp"):
         caplog.set_level(logging.DEBUG, logger=name)
     monkeypatch.setenv("LOOPBACK_TEST_KEY", SECRET)
     handler = scripted([server_error(503), leaky_401], good(), key=lambda r: r.image().size)
