@@ -222,6 +222,37 @@ def table(title: str, rows: dict[int, dict[str, float]], console: Console) -> li
     return failed
 
 
+def encode_costs(console: Console, repeat: int = 5) -> None:
+    """What one image costs to send, by format: resize to the model frame + encode +
+    base64, on the sample photos (the client's CPU per image beyond the HTTP)."""
+    from pathlib import Path
+
+    from grounding.backends.remote import _encode
+    from grounding.dialects import get_dialect
+    from grounding.geometry import model_frame, resolve_budget
+    from grounding.images import load_image
+
+    dialect = get_dialect("qwen2.5-vl")
+    low, high = resolve_budget(dialect, None, None)
+    out = Table(title="Sending one photo: resize to the Qwen2.5-VL frame (default budget), "
+                      "encode, base64")
+    for col in ("image", "frame", "PNG ms", "PNG KB", "JPEG ms", "JPEG KB"):
+        out.add_column(col, justify="right")
+    for path in sorted(Path(__file__).parent.parent.glob("assets/images/*.jpg")):
+        image = load_image(path)
+        frame = model_frame(dialect, *image.size, min_pixels=low, max_pixels=high)
+        cells = []
+        for fmt in ("png", "jpeg"):
+            best, url = float("inf"), ""
+            for _ in range(repeat):
+                t0 = time.perf_counter()
+                url = _encode(image, frame, fmt)
+                best = min(best, time.perf_counter() - t0)
+            cells += [f"{1000 * best:.1f}", f"{len(url) / 1024:.0f}"]
+        out.add_row(path.name, f"{frame[0]}x{frame[1]}", *cells)
+    console.print(out)
+
+
 def _version(package: str) -> str:
     try:
         return f"{package} {metadata.version(package)}"
@@ -243,12 +274,17 @@ def main() -> None:
                         help="target run length when --images is not given")
     parser.add_argument("--in-process", action="store_true",
                         help="run the server in a thread of this process (shares the GIL)")
+    parser.add_argument("--encode-only", action="store_true",
+                        help="only the table of what encoding one photo costs")
     args = parser.parse_args()
 
     console = Console(width=150)
     versions = ", ".join(_version(p) for p in ("openai", "aiohttp", "httpx2", "pillow"))
     console.print(f"{platform.platform()}, {platform.processor() or platform.machine()}, "
                   f"{os.cpu_count()} CPUs, Python {platform.python_version()}; {versions}")
+    encode_costs(console)
+    if args.encode_only:
+        return
     where = "a thread of this process" if args.in_process else "a child process"
     spread = f" +- {args.jitter:g}" if args.jitter else ""
     console.print(f"server: LoopbackServer in {where}, latency {args.latency:g}{spread} s, "
