@@ -158,6 +158,13 @@ MaxRetries = Annotated[int, typer.Option(
     min=0, help="openai: retries on 429, 5xx, connection errors and timeouts.")]
 TokenParam = Annotated[str, typer.Option(help="openai: max_tokens or max_completion_tokens.")]
 Logprobs = Annotated[bool, typer.Option(help="openai: ask for token log-probabilities.")]
+TextFirst = Annotated[bool, typer.Option(
+    help="openai: put the text before the images in the message (as Qianfan's examples "
+         "do); the default is images first, as Qwen's.")]
+References = Annotated[list[Path] | None, typer.Option(
+    "--reference", help="An example image shown before every image in the same message "
+                        "(repeatable): find more like it. Coordinates still refer to each "
+                        "image.")]
 ImageFormat = Annotated[str, typer.Option(
     help="openai: how the model frame is sent: jpeg (quality 95: a fraction of PNG's encode "
          "time and bytes) or png (lossless).")]
@@ -179,7 +186,7 @@ def make_backend(kind: str, *, model: str | None, dialect: str | None, device: s
                  base_url: str | None, api_key_env: str | None, api_key_header: str,
                  header: list[str] | None, endpoint: str, concurrency: int, timeout: float,
                  max_retries: int, token_param: str, logprobs: bool, json_schema: bool,
-                 image_format: str = "jpeg"):
+                 image_format: str = "jpeg", text_first: bool = False):
     """The backend the command-line options describe."""
     if kind == "local":
         from grounding.backends.local import DEFAULT_MODEL, LocalBackend
@@ -204,7 +211,8 @@ def make_backend(kind: str, *, model: str | None, dialect: str | None, device: s
                          timeout=timeout, concurrency=concurrency, max_retries=max_retries,
                          min_pixels=min_pixels, max_pixels=max_pixels,
                          max_new_tokens=max_new_tokens, token_param=token_param,
-                         logprobs=logprobs, json_schema=json_schema, image_format=image_format)
+                         logprobs=logprobs, json_schema=json_schema, image_format=image_format,
+                         text_first=text_first)
 
 
 # Options every command that runs a model takes, defined once: (name, type, default).
@@ -226,6 +234,7 @@ _BACKEND_OPTIONS = (
     ("token_param", TokenParam, "max_tokens"),
     ("logprobs", Logprobs, True),
     ("image_format", ImageFormat, "jpeg"),
+    ("text_first", TextFirst, False),
 )
 
 
@@ -281,6 +290,19 @@ def _engine(options: dict, *, max_new_tokens: int, json_schema: bool):
         raise typer.Exit(2) from None
 
 
+def _query(wanted, prompt: str | None, *, points: bool, system: str | None,
+           references: list[Path] | None):
+    """The Query of a command's options; exits 2 with one line on a bad reference image."""
+    from grounding.detector import Query
+
+    try:
+        return Query.make(wanted, prompt, points=points, system=system,
+                          references=[str(p) for p in references or []])
+    except GroundingError as exc:
+        typer.echo(f"error: reference image {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 def _stderr_console():
     from rich.console import Console
 
@@ -297,6 +319,7 @@ def detect(
         help="A referring expression to locate (\"the red car on the left\"), or with "
              "--classes/--ontology a full prompt replacing the built-in one.")] = None,
     points: Points = False,
+    reference: References = None,
     out: Annotated[Path | None, typer.Option(
         help="Write DIR/<stem>.json and an overlay DIR/<stem>.jpg per image instead of "
              "JSON lines on stdout.")] = None,
@@ -323,6 +346,7 @@ def detect(
 
     engine, wanted, _ = _setup(backend_options, classes, ontology, prompt,
                                max_new_tokens=max_new_tokens, json_schema=json_schema)
+    query = _query(wanted, prompt, points=points, system=system, references=reference)
     detector = Detector(engine, batch_size=batch_size, min_score=min_score, verify=verify,
                         verify_threshold=verify_threshold)
     if out is not None:
@@ -332,7 +356,8 @@ def detect(
     with Progress(transient=True, disable=len(images) < 2, console=_stderr_console()) as bar:
         task = bar.add_task("detecting", total=len(images))
         results = detector.detect_many([str(p) for p in images], wanted, prompt,
-                                       points=points, system=system)
+                                       points=points, system=system,
+                                       references=query.references)
         for path, result in zip(images, results, strict=True):
             failed += result.error is not None
             if out is None:
@@ -465,6 +490,7 @@ def label(
     prompt: Annotated[str | None, typer.Option(
         help="A full prompt replacing the built-in one for the classes.")] = None,
     points: Points = False,
+    reference: References = None,
     format: Annotated[str | None, typer.Option(
         "--format", help="Datasets to export at the end: coco,yolo,labelstudio.")] = None,
     val_fraction: Annotated[float, typer.Option(help="YOLO export: validation share.")] = 0.2,
@@ -494,7 +520,7 @@ def label(
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from grounding.detector import Detector, Query
+    from grounding.detector import Detector
     from grounding.labeling import label as run_label
     from grounding.runs import RunDir, parse_shard
 
@@ -510,7 +536,7 @@ def label(
                                      need_classes=True)
     detector = Detector(engine, batch_size=batch_size, min_score=min_score, verify=verify,
                         verify_threshold=verify_threshold)
-    query = Query.make(wanted, prompt, points=points, system=system)
+    query = _query(wanted, prompt, points=points, system=system, references=reference)
     run = RunDir(out)
     columns = (TextColumn("{task.description}"), BarColumn(),
                TextColumn("{task.completed}/{task.total}"),

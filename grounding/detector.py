@@ -19,7 +19,7 @@ from grounding.confidence import score_objects
 from grounding.errors import GroundingError
 from grounding.images import ImageSource, describe, load_image
 from grounding.prefetch import prefetch
-from grounding.prompts import Task, class_prompt, expression_prompt
+from grounding.prompts import Task, class_prompt, expression_prompt, with_references
 from grounding.result import Result
 
 
@@ -51,11 +51,15 @@ class Query:
     prompt: str | None = None
     task: Task = "boxes"
     system: str | None = None
+    references: tuple[Image.Image, ...] = ()
+    """Example images sent before each image (upright RGB): "find more like these"."""
+    reference_names: tuple[str, ...] = ()
 
     @classmethod
     def make(cls, classes: Sequence[str] | Mapping[str, str] | str | None = None,
              prompt: str | None = None, *, points: bool = False,
-             system: str | None = None) -> Query:
+             system: str | None = None, references: Sequence[ImageSource] = ()) -> Query:
+        """A bad reference image raises ImageLoadError: it would spoil every request."""
         if classes is None and prompt is None:
             raise ValueError("give classes to find or a prompt")
         if isinstance(classes, str):
@@ -64,16 +68,24 @@ class Query:
             class_map = classes if isinstance(classes, ClassMap) else ClassMap(classes)
         else:
             class_map = None
-        return cls(class_map, None, prompt, "points" if points else "boxes", system)
+        loaded = tuple(load_image(r) for r in references)
+        return cls(class_map, None, prompt, "points" if points else "boxes", system, loaded,
+                   tuple(describe(r) for r in references))
 
     def text(self, dialect) -> str:
-        """The prompt sent: the user's own, else the dialect's built-in one."""
+        """The prompt sent: the user's own, else the dialect's built-in one (which, with
+        reference images, says which image to answer about)."""
         if self.prompt and self.classes is not None:
             return self.prompt
         if self.classes is not None:
-            return class_prompt(dialect, self.classes.prompt_phrases, self.task)
-        assert self.prompt is not None
-        return expression_prompt(dialect, self.prompt, self.task)
+            text = class_prompt(dialect, self.classes.prompt_phrases, self.task)
+        else:
+            assert self.prompt is not None
+            text = expression_prompt(dialect, self.prompt, self.task)
+        return with_references(text, len(self.references))
+
+    def request(self, image: Image.Image, text: str) -> Request:
+        return Request(image, text, self.system, self.task, references=self.references)
 
 
 class Detector:
@@ -103,10 +115,12 @@ class Detector:
 
     def detect(self, image: ImageSource, classes=None, prompt: str | None = None, *,
                points: bool = False, system: str | None = None, verify: bool | None = None,
-               verify_threshold: float | None = None) -> Result:
+               verify_threshold: float | None = None,
+               references: Sequence[ImageSource] = ()) -> Result:
         """Detect in one image; a bad image raises :class:`ImageLoadError`."""
         result = next(self.detect_many([image], classes, prompt, points=points, system=system,
-                                       verify=verify, verify_threshold=verify_threshold))
+                                       verify=verify, verify_threshold=verify_threshold,
+                                       references=references))
         if result.error:
             raise GroundingError(result.error)
         return result
@@ -115,7 +129,8 @@ class Detector:
                     prompt: str | None = None, *, points: bool = False,
                     system: str | None = None, batch_size: int | None = None,
                     window: int = 8, verify: bool | None = None,
-                    verify_threshold: float | None = None) -> Iterator[Result]:
+                    verify_threshold: float | None = None,
+                    references: Sequence[ImageSource] = ()) -> Iterator[Result]:
         """Results in input order; a bad image yields a Result with ``error`` set.
 
         Images are decoded in ``io_workers`` threads while the model works, read up to
@@ -126,8 +141,14 @@ class Detector:
         shows its label and drops boxes whose probability of "yes" is under
         ``verify_threshold`` (grounding.verify); the boxes of ``batch_size`` images are
         verified together.
+
+        ``references``: example images shown before every image in the same message
+        ("find more like these"); the built-in prompt then says to answer about the last
+        image, and the coordinates are read in that image's frame. A reference that cannot
+        be read raises ImageLoadError before any request is sent.
         """
-        query = Query.make(classes, prompt, points=points, system=system)
+        query = Query.make(classes, prompt, points=points, system=system,
+                           references=references)
         size = batch_size or self.batch_size
         if not (self.verify if verify is None else verify):
             yield from self._detect_many(images, query, size, window)
@@ -172,7 +193,7 @@ class Detector:
             for name, image, error in self._loaded(images, ahead):
                 entries.append((name, image, error))
                 if image is not None:
-                    yield Request(image, text, query.system, query.task)
+                    yield query.request(image, text)
 
         for out in self.backend.stream(requests()):
             while entries[0][1] is None:
@@ -207,7 +228,7 @@ class Detector:
         for start in range(0, len(good), size):
             batch = good[start : start + size]
             outputs = self.backend.generate(
-                [Request(image, text, query.system, query.task) for _, _, image, _ in batch])
+                [query.request(image, text) for _, _, image, _ in batch])
             for (index, name, image, _), out in zip(batch, outputs, strict=True):
                 results[index] = self._result(name, image, out, query, text)
         for index, *_ in items:

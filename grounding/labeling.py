@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections import Counter, deque
@@ -46,6 +47,7 @@ def run_config(detector: Detector, query: Query, images_dir: Path, shard: tuple[
         "ontology": ontology,
         "task": query.task,
         "system": query.system,
+        "references": _references(query),
         "min_pixels": getattr(backend, "min_pixels", None),
         "max_pixels": getattr(backend, "max_pixels", None),
         "max_new_tokens": getattr(backend, "max_new_tokens", None),
@@ -55,6 +57,14 @@ def run_config(detector: Detector, query: Query, images_dir: Path, shard: tuple[
         "verify_threshold": detector.verify_threshold if detector.verify else None,
         "grounding_version": __version__,
     }
+
+
+def _references(query: Query) -> list[str] | None:
+    """Each reference image by name and pixels: another example changes the labels."""
+    if not query.references:
+        return None
+    return [f"{name} sha1:{hashlib.sha1(image.tobytes()).hexdigest()[:12]}"
+            for name, image in zip(query.reference_names, query.references, strict=True)]
 
 
 def pending_images(images_dir: Path, shard: tuple[int, int], skip: set[str]) -> Iterator[str]:
@@ -99,7 +109,8 @@ def label(
     interrupted = False
     try:
         for result in detector.detect_many(paths(), query.classes, query.prompt,
-                                           points=query.task == "points", system=query.system):
+                                           points=query.task == "points", system=query.system,
+                                           references=query.references):
             relative = order.popleft()
             result.image = relative
             if result.error:

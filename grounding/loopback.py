@@ -183,11 +183,12 @@ class LoopbackRequest:
         return found
 
     def image(self) -> Any:
-        """The one image of the request; ValueError when there is none."""
+        """The image the request asks about: the last one (any before it are reference
+        examples); ValueError when there is none."""
         images = self.images()
         if not images:
             raise ValueError("the request holds no data: URL image")
-        return images[0]
+        return images[-1]
 
 
 _DATA_URL = re.compile(r"^data:(?P<type>[\w.+/-]*)(?P<params>(?:;[^,;]*)*?)(?P<b64>;base64)?,",

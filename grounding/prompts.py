@@ -60,3 +60,13 @@ def expression_prompt(dialect: str | Dialect, expression: str, task: Task = "box
     if d.name == "deepseek-vl2":
         return f"<|grounding|>Locate <|ref|>{expression}<|/ref|> in the given image."
     raise ValueError(f"no built-in prompt for dialect {d.name}")
+
+
+def with_references(prompt: str, count: int) -> str:
+    """``prompt`` for a message that shows ``count`` example images before the image to
+    look at: the model is told which image the coordinates must refer to."""
+    if count <= 0:
+        return prompt
+    shown = ("The first image is an example" if count == 1
+             else f"The first {count} images are examples")
+    return f"{shown} of what to find; answer about the last image only. {prompt}"

@@ -27,8 +27,8 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", 
 # What must not change between sessions of one run: these decide what the labels mean.
 CONFIG_KEYS = ("images_dir", "backend", "model", "dialect", "prompt", "classes", "ontology",
                "task", "system", "min_pixels", "max_pixels", "max_new_tokens", "shard",
-               "min_score", "verify", "verify_threshold")
-CONFIG_DEFAULTS = {"verify": False}
+               "min_score", "verify", "verify_threshold", "references")
+CONFIG_DEFAULTS = {"verify": False, "references": None}
 """What a key added to CONFIG_KEYS later means in a run.json written before it existed,
 so older runs still resume."""
 

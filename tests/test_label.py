@@ -108,6 +108,24 @@ def test_changed_config_is_refused_unless_force(tmp_path):
     assert len(kept) == 1 and len(list(read_jsonl(kept[0]))) == 3  # old labels kept, not lost
 
 
+def test_reference_images_are_part_of_the_configuration(tmp_path):
+    images = tmp_path / "images"
+    make_images(images, 3)
+    Image.fromarray(np.full((20, 30, 3), 10, np.uint8)).save(tmp_path / "a.png")
+    det = Detector(StaticBackend(label="cat"))
+    with_a = Query.make(["cat"], references=[tmp_path / "a.png"])
+    label(det, with_a, images, RunDir(tmp_path / "run"))
+    config = json.loads((tmp_path / "run" / "run.json").read_text())
+    (entry,) = config["references"]
+    assert entry.startswith(str(tmp_path / "a.png")) and "sha1:" in entry
+    assert config["prompt"].startswith("The first image is an example")
+    # The same file with other pixels is another configuration; so is no reference at all.
+    Image.fromarray(np.full((20, 30, 3), 99, np.uint8)).save(tmp_path / "a.png")
+    for query in (Query.make(["cat"], references=[tmp_path / "a.png"]), Query.make(["cat"])):
+        with pytest.raises(RunConfigError, match="references"):
+            label(det, query, images, RunDir(tmp_path / "run"))
+
+
 def test_shards_partition_the_images(tmp_path):
     images = tmp_path / "images"
     names = make_images(images, 30)

@@ -71,6 +71,38 @@ def test_batched_equals_one_at_a_time(backend):
         np.testing.assert_allclose(b.token_logprobs, s.token_logprobs, atol=1e-4)
 
 
+def test_references_share_the_message_and_the_frame_is_the_last_images(backend):
+    """Reference images of other sizes before the image: the frame is the target's, the
+    references really reach the model (the answer depends on them), and a batch mixing
+    requests with and without references equals one request at a time."""
+    target = noise(333, 250, seed=1)
+    refs = (noise(640, 480, seed=2), noise(120, 90, seed=3))
+    plain = Request(target, "Outline each cat")
+    shown = Request(target, "Outline each cat", references=refs)
+    other = Request(noise(200, 150, seed=4), "Outline each cat", references=refs[:1])
+    batched = backend.generate([plain, shown, other])
+    single = [backend.generate([r])[0] for r in (plain, shown, other)]
+    for b, s in zip(batched, single, strict=True):
+        assert not isinstance(b, Exception), b
+        assert b.text == s.text
+        np.testing.assert_allclose(b.token_logprobs, s.token_logprobs, atol=1e-4)
+    assert batched[1].input_size == backend.frame((333, 250)) == batched[0].input_size
+    assert batched[2].input_size == backend.frame((200, 150))
+    assert batched[1].token_logprobs != batched[0].token_logprobs
+    # Token accounting: the message holds every image's visual tokens, each in its frame.
+    pad = backend.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+    def visual_tokens(request: Request) -> int:
+        images = [im.resize(backend.frame(im.size)) for im in (*request.references,
+                                                                 request.image)]
+        inputs = backend.processor(text=[backend._chat(request)], images=images,
+                                   do_resize=False)
+        return list(inputs["input_ids"][0]).count(pad)
+
+    alone = [visual_tokens(Request(im, "x")) for im in (*refs, target)]
+    assert visual_tokens(shown) == sum(alone) and min(alone) > 0
+
+
 def test_deterministic(backend):
     r = Request(noise(320, 240), "Find dogs")
     assert backend.generate([r])[0].text == backend.generate([r])[0].text

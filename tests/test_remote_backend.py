@@ -240,6 +240,92 @@ def test_by_default_a_jpeg_of_the_frame_is_sent():
     assert_box_near(only_box(result), rect, tuple(t + 1.0 for t in tolerance(backend, size)))
 
 
+# ----------------------------------------------------------------- reference images
+
+
+@pytest.mark.parametrize("dialect", ["qwen2.5-vl", "qwen3-vl"])
+@pytest.mark.parametrize("text_first", [False, True], ids=["images-first", "text-first"])
+def test_references_go_before_the_image_and_boxes_come_from_the_last(dialect, text_first):
+    # The reference has its own size and its red box elsewhere: a box read from it, or
+    # mapped through its frame, would miss the target's rectangle.
+    ref_size, size = (200, 140), (400, 300)
+    reference = scene(ref_size, (120, 80, 190, 130))
+    rect = rect_for(size)
+    with LoopbackServer(handler=grounding_handler(dialect)) as server:
+        backend = backend_for(server, dialect, max_pixels=SMALL_BUDGET, text_first=text_first)
+        result = Detector(backend).detect(scene(size, rect), prompt=PROMPT,
+                                          references=[reference])
+        (request,) = server.completions
+    assert_box_near(only_box(result), rect, tolerance(backend, size))
+    assert tuple(result.input_size) == backend.frame(size)
+    sent = request.images()
+    assert [im.size for im in sent] == [backend.frame(ref_size), backend.frame(size)]
+    assert red_box(sent[0]) != red_box(sent[1])
+    (message,) = request.json["messages"]
+    kinds = [p["type"] for p in message["content"]]
+    assert kinds == (["text", "image_url", "image_url"] if text_first
+                     else ["image_url", "image_url", "text"])
+    assert "The first image is an example" in request.text and PROMPT in request.text
+
+
+def test_references_are_encoded_once_per_run(monkeypatch):
+    import grounding.backends.remote as remote
+
+    calls = []
+    encode = remote._encode
+
+    def counting(image, frame, image_format):
+        calls.append(image.size)
+        return encode(image, frame, image_format)
+
+    monkeypatch.setattr(remote, "_encode", counting)
+    refs = [scene((90, 70), (10, 10, 40, 40)), scene((100, 60), (50, 20, 90, 50))]
+    targets = [scene((160, 120), rect_for((160, 120), k)) for k in range(5)]
+    with LoopbackServer(handler=grounding_handler("qwen2.5-vl")) as server:
+        backend = backend_for(server, concurrency=2)
+        results = list(Detector(backend).detect_many(targets, prompt=PROMPT, references=refs))
+        counts = {len(r.image_urls()) for r in server.completions}
+    assert all(r.error is None for r in results)
+    assert counts == {3}
+    assert sorted(calls) == sorted([(90, 70), (100, 60)] + [(160, 120)] * 5)
+
+
+def test_a_bad_reference_fails_before_any_request(tmp_path):
+    with LoopbackServer(handler=grounding_handler("qwen2.5-vl")) as server:
+        backend = backend_for(server)
+        with pytest.raises(GroundingError, match=r"missing\.png"):
+            Detector(backend).detect(one_image(), prompt=PROMPT,
+                                     references=[tmp_path / "missing.png"])
+        assert server.calls == 0
+
+
+def test_cli_detect_with_a_reference_and_text_first(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from grounding.cli import app
+
+    size, rect = (300, 200), rect_for((300, 200))
+    scene(size, rect).save(tmp_path / "target.png")
+    scene((120, 90), (5, 5, 40, 30)).save(tmp_path / "example.png")
+    with LoopbackServer(handler=grounding_handler("qwen2.5-vl")) as server:
+        common = ["--prompt", PROMPT, "--backend", "openai", "--base-url", server.base_url,
+                  "--model", "m", "--dialect", "qwen2.5-vl"]
+        out = CliRunner().invoke(app, ["detect", str(tmp_path / "target.png"), "--reference",
+                                       str(tmp_path / "example.png"), "--text-first", *common])
+        bad = CliRunner().invoke(app, ["detect", str(tmp_path / "target.png"), "--reference",
+                                       str(tmp_path / "nope.png"), *common])
+        (request,) = server.completions
+    assert out.exit_code == 0, out.output
+    record = json.loads(out.stdout)
+    assert_box_near(record["detections"][0]["bbox"], rect, (1.5, 1.5))
+    kinds = [p["type"] for p in request.json["messages"][0]["content"]]
+    assert kinds == ["text", "image_url", "image_url"]
+    assert bad.exit_code == 2 and "error: reference image" in bad.stderr
+    assert "nope.png" in bad.stderr and bad.stderr.count("\n") == 1
+
+
 def test_system_prompt_is_sent_as_a_system_message():
     with LoopbackServer(handler=grounding_handler("qwen2.5-vl")) as server:
         backend = backend_for(server)

@@ -16,7 +16,8 @@ TOP_LOGPROBS = 10
 
 @dataclass(frozen=True)
 class Request:
-    """One image (upright RGB, original size) and what to ask about it."""
+    """One image (upright RGB, original size) and what to ask about it, optionally with
+    example images before it."""
 
     image: Image.Image
     prompt: str
@@ -25,6 +26,9 @@ class Request:
     """``boxes`` or ``points``: lets a server constrain its output to the right schema."""
     max_new_tokens: int | None = None
     """Overrides the backend's limit for this request (a yes/no question needs one token)."""
+    references: tuple[Image.Image, ...] = ()
+    """Example images (upright RGB) shown before ``image`` in the same message: "find more
+    like these". Coordinates always refer to ``image``, the last image sent."""
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import logging
 import time
 from typing import Any
@@ -122,8 +123,9 @@ class LocalBackend:
         if request.system:
             messages.append({"role": "system",
                              "content": [{"type": "text", "text": request.system}]})
-        messages.append({"role": "user", "content": [{"type": "image"},
-                                                      {"type": "text", "text": request.prompt}]})
+        images = [{"type": "image"}] * (len(request.references) + 1)
+        messages.append({"role": "user",
+                         "content": [*images, {"type": "text", "text": request.prompt}]})
         return self.processor.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=True)
 
@@ -143,17 +145,22 @@ class LocalBackend:
         import torch
 
         t0 = time.perf_counter()
-        frames = [self.frame(r.image.size) for r in requests]
-        images = [r.image if r.image.size == f else r.image.resize(f, Image.Resampling.BICUBIC)
-                  for r, f in zip(requests, frames, strict=True)]
+        # Every image of every request in message order: a request's references, then its
+        # image, whose frame (the last of its group) the coordinates refer to.
+        shown = [image for r in requests for image in (*r.references, r.image)]
+        frames = [self.frame(image.size) for image in shown]
+        images = [im if im.size == f else im.resize(f, Image.Resampling.BICUBIC)
+                  for im, f in zip(shown, frames, strict=True)]
         inputs = self.processor(text=[self._chat(r) for r in requests], images=images,
                                 padding=True, return_tensors="pt", do_resize=False)
-        seen = [(int(g[2]) * self.patch_size, int(g[1]) * self.patch_size)
-                for g in inputs["image_grid_thw"]]
-        for frame, got in zip(frames, seen, strict=True):
+        grids = [(int(g[2]) * self.patch_size, int(g[1]) * self.patch_size)
+                 for g in inputs["image_grid_thw"]]
+        for frame, got in zip(frames, grids, strict=True):
             if frame != got:
                 raise GeometryError(f"the processor produced a {got[0]}x{got[1]} frame where "
                                     f"{frame[0]}x{frame[1]} was expected")
+        ends = itertools.accumulate(len(r.references) + 1 for r in requests)
+        seen = [grids[end - 1] for end in ends]
         inputs = inputs.to(self.net.device)
         t1 = time.perf_counter()
         limit = max(r.max_new_tokens or self.max_new_tokens for r in requests)

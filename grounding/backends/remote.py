@@ -23,7 +23,7 @@ import random
 import threading
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Coroutine, Iterable, Iterator
 from typing import Any
 
@@ -45,6 +45,9 @@ TRUNCATED_REASONS = frozenset({"length", "max_tokens", "max_length", "model_leng
 
 ENCODE_THREADS = 2
 """Threads resizing and PNG-encoding images beside the event loop."""
+
+REFERENCE_CACHE = 16
+"""Reference images whose data URLs are kept (see OpenAIBackend._reference_url)."""
 
 CLIENT_CONNECTIONS = 8
 """Requests in flight per HTTP client (see OpenAIBackend._client)."""
@@ -282,6 +285,7 @@ class OpenAIBackend:
         logprobs: bool = True,
         json_schema: bool = False,
         image_format: str = "jpeg",
+        text_first: bool = False,
         extra_body: dict[str, Any] | None = None,
     ) -> None:
         import openai  # noqa: F401 - fail at construction, not at the first request
@@ -314,6 +318,10 @@ class OpenAIBackend:
         if image_format not in ("png", "jpeg"):
             raise ValueError("image_format must be png or jpeg")
         self.image_format = image_format
+        self.text_first = text_first
+        """Put the text before the images in the message (Qianfan's examples do)."""
+        self._references: OrderedDict[int, tuple[Image.Image, str]] = OrderedDict()
+        self._references_lock = threading.Lock()
         self.extra_body = dict(extra_body or {})
         self._clients: dict[int, list[Any]] = {}
         self._encoder = _encoder_pool()
@@ -425,11 +433,28 @@ class OpenAIBackend:
         gate = _OrderedGate(self.concurrency)
         return list(await asyncio.gather(*(self._gated(r, gate) for r in requests)))
 
-    def _prepare(self, request: Request) -> tuple[Size, str, float]:
+    def _prepare(self, request: Request) -> tuple[Size, list[str], float]:
+        """The target's frame and the data URLs of the references, then the target."""
         started = time.perf_counter()
+        urls = [self._reference_url(r) for r in request.references]
         frame = self.frame(request.image.size)
-        url = _encode(request.image, frame, self.image_format)
-        return frame, url, time.perf_counter() - started
+        urls.append(_encode(request.image, frame, self.image_format))
+        return frame, urls, time.perf_counter() - started
+
+    def _reference_url(self, image: Image.Image) -> str:
+        """A reference image's data URL, in its own frame; encoded once per run, since every
+        request of the run shows the same references."""
+        key = id(image)
+        with self._references_lock:  # held while encoding: the other thread waits, not redoes
+            hit = self._references.get(key)
+            if hit is not None and hit[0] is image:
+                self._references.move_to_end(key)
+                return hit[1]
+            url = _encode(image, self.frame(image.size), self.image_format)
+            self._references[key] = (image, url)  # the image is kept: its id stays its own
+            while len(self._references) > REFERENCE_CACHE:
+                self._references.popitem(last=False)
+        return url
 
     async def _gated(self, request: Request, gate: _OrderedGate) -> Generation | Exception:
         """Encode (in a worker thread) before taking a slot, so that when a slot frees the
@@ -437,14 +462,14 @@ class OpenAIBackend:
         Slots are taken in input order: requests are sent in the order they came."""
         ticket = gate.ticket()  # before any await: tickets follow input order
         try:
-            frame, url, seconds = await asyncio.get_running_loop().run_in_executor(
+            frame, urls, seconds = await asyncio.get_running_loop().run_in_executor(
                 self._encoder, self._prepare, request)
         except Exception as exc:
             gate.skip(ticket)
             return RemoteError(self._scrub(f"cannot prepare the image: {exc}"))
         try:
             async with gate.slot(ticket):
-                generation = await self._request(request, frame, url)
+                generation = await self._request(request, frame, urls)
             generation.timings["preprocess"] = seconds
             return generation
         except RemoteError as exc:
@@ -460,9 +485,9 @@ class OpenAIBackend:
         except (ValueError, KeyError, IndexError, TypeError):
             raise RemoteError(f"{self.base_url}/models lists no model: pass --model") from None
 
-    async def _request(self, request: Request, frame: Size, url: str) -> Generation:
+    async def _request(self, request: Request, frame: Size, urls: list[str]) -> Generation:
         sent = time.perf_counter()
-        body = self._body(request, url)
+        body = self._body(request, urls)
         try:
             generation = await self._post(body, frame)
         except RemoteError as exc:
@@ -477,14 +502,15 @@ class OpenAIBackend:
                               "decode": 0.0}
         return generation
 
-    def _body(self, request: Request, image_url: str) -> dict[str, Any]:
+    def _body(self, request: Request, image_urls: list[str]) -> dict[str, Any]:
         messages: list[dict[str, Any]] = []
         if request.system:
             messages.append({"role": "system", "content": request.system})
-        messages.append({"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": image_url}},
-            {"type": "text", "text": request.prompt},
-        ]})
+        parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": url}}
+                                       for url in image_urls]
+        text = {"type": "text", "text": request.prompt}
+        messages.append({"role": "user",
+                         "content": [text, *parts] if self.text_first else [*parts, text]})
         body: dict[str, Any] = {"model": self.model, "messages": messages,
                                 self.token_param: request.max_new_tokens or self.max_new_tokens,
                                 "temperature": 0.0}
