@@ -5,6 +5,7 @@ handling and the request options. Everything runs on 127.0.0.1, no network, no m
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -761,3 +762,40 @@ def test_backend_works_again_after_close():
         backend.close()
     assert not isinstance(first[0], Exception) and not isinstance(second[0], Exception)
     assert first[0].text == second[0].text
+
+
+def test_a_backend_dropped_without_close_leaves_no_open_session(caplog):
+    """aiohttp complains about a session that is collected open; the backend closes its
+    sessions itself when it is collected (Jupyter users rarely call close())."""
+    import gc
+    import warnings
+
+    with LoopbackServer(handler=good()) as server:
+        backend = backend_for(server)
+        assert not isinstance(backend.generate([Request(one_image(), "p")])[0], Exception)
+        thread = next(t for t in threading.enumerate() if t.name == "grounding-remote")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            del backend
+            gc.collect()
+            thread.join(5)  # the private loop stops once its sessions are closed
+        gc.collect()
+    assert not thread.is_alive()
+    messages = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "Unclosed" in m], messages
+
+
+def test_aclose_closes_the_clients_of_the_running_loop():
+    import asyncio
+
+    async def use(server) -> list:
+        backend = backend_for(server)
+        out = await backend.agenerate([Request(one_image(), "p")])
+        clients = list(backend._clients[id(asyncio.get_running_loop())])
+        await backend.aclose()
+        return [out, clients]
+
+    with LoopbackServer(handler=good()) as server:
+        out, clients = asyncio.run(use(server))
+    assert not isinstance(out[0], Exception)
+    assert clients and all(c.is_closed() for c in clients)
