@@ -40,18 +40,14 @@ TRUNCATED_REASONS = frozenset({"length", "max_tokens", "max_length", "model_leng
 """finish_reason values meaning "cut off"; anything else ("stop", Qianfan's "normal",
 "eos", None) is a finished answer."""
 
-
-
-
 ENCODE_THREADS = 2
-"""Threads resizing and PNG-encoding images beside the event loop."""
+"""Threads resizing and encoding images beside the event loop."""
 
 REFERENCE_CACHE = 16
 """Reference images whose data URLs are kept (see OpenAIBackend._reference_url)."""
 
 CLIENT_CONNECTIONS = 8
 """Requests in flight per HTTP client (see OpenAIBackend._client)."""
-
 
 JPEG_QUALITY = 95
 """Quality of the JPEG the client sends (the default format): visually lossless, and the
