@@ -83,7 +83,7 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 def _shutdown(loop: asyncio.AbstractEventLoop, clients: list[Any]) -> None:
     """Close ``clients`` on ``loop``, then stop it (an open aiohttp session warns when it
     is collected)."""
-    if loop.is_closed():
+    if loop.is_closed() or not loop.is_running():  # nothing left that could close them
         return
 
     async def close_all() -> None:
@@ -418,10 +418,11 @@ class OpenAIBackend:
         clients = self._clients.setdefault(id(asyncio.get_running_loop()), [])
         if not clients:  # filled in place: the private loop's finalizer holds this list
             count = max(1, -(-self.concurrency // CLIENT_CONNECTIONS))
-            clients.extend(openai.AsyncOpenAI(base_url=self.base_url, api_key=self._key or "none",
-                                          default_headers=self._headers, timeout=self.timeout,
-                                          max_retries=0, http_client=_http_client(self.timeout))
-                           for _ in range(count))
+            clients.extend(
+                openai.AsyncOpenAI(base_url=self.base_url, api_key=self._key or "none",
+                                   default_headers=self._headers, timeout=self.timeout,
+                                   max_retries=0, http_client=_http_client(self.timeout))
+                for _ in range(count))
         self._turn += 1
         return clients[self._turn % len(clients)]
 
