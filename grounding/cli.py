@@ -355,9 +355,7 @@ def detect(
     stems: dict[str, int] = {}
     with Progress(transient=True, disable=len(images) < 2, console=_stderr_console()) as bar:
         task = bar.add_task("detecting", total=len(images))
-        results = detector.detect_many([str(p) for p in images], wanted, prompt,
-                                       points=points, system=system,
-                                       references=query.references)
+        results = detector.detect_query([str(p) for p in images], query)
         for path, result in zip(images, results, strict=True):
             failed += result.error is not None
             if out is None:

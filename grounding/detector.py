@@ -149,6 +149,15 @@ class Detector:
         """
         query = Query.make(classes, prompt, points=points, system=system,
                            references=references)
+        yield from self.detect_query(images, query, batch_size=batch_size, window=window,
+                                     verify=verify, verify_threshold=verify_threshold)
+
+    def detect_query(self, images: Iterable[ImageSource], query: Query, *,
+                     batch_size: int | None = None, window: int = 8,
+                     verify: bool | None = None,
+                     verify_threshold: float | None = None) -> Iterator[Result]:
+        """detect_many for a Query already made (the CLI and grounding.labeling make one
+        to check it, and to record it, before the first image)."""
         size = batch_size or self.batch_size
         if not (self.verify if verify is None else verify):
             yield from self._detect_many(images, query, size, window)

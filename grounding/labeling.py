@@ -108,9 +108,7 @@ def label(
     errors = JsonlWriter(run.errors)
     interrupted = False
     try:
-        for result in detector.detect_many(paths(), query.classes, query.prompt,
-                                           points=query.task == "points", system=query.system,
-                                           references=query.references):
+        for result in detector.detect_query(paths(), query):
             relative = order.popleft()
             result.image = relative
             if result.error:
