@@ -281,12 +281,15 @@ def _build_tokenizer() -> Any:
 # Model config, processor
 # --------------------------------------------------------------------------------------
 
-def _config(family: Family, tokenizer: Any) -> Any:
+def _config(family: Family, tokenizer: Any, vocab_size: int | None = None) -> Any:
     """A tiny ``Qwen2_5_VLConfig`` / ``Qwen3VLConfig`` wired to ``tokenizer``'s ids."""
     spec = _spec(family)
     ids = dict(zip(QWEN_SPECIAL_TOKENS,
                    tokenizer.convert_tokens_to_ids(list(QWEN_SPECIAL_TOKENS)), strict=True))
-    vocab_size = -(-len(tokenizer) // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
+    padded = -(-len(tokenizer) // _VOCAB_MULTIPLE) * _VOCAB_MULTIPLE
+    if vocab_size is not None and vocab_size < padded:
+        raise ValueError(f"vocab_size {vocab_size} is below the tokenizer's {padded} rows")
+    vocab_size = vocab_size or padded
     token_ids = {
         "image_token_id": ids["<|image_pad|>"],
         "video_token_id": ids["<|video_pad|>"],
@@ -389,11 +392,14 @@ def _processor(family: Family, tokenizer: Any) -> Any:
 # --------------------------------------------------------------------------------------
 
 def build_tiny_checkpoint(path: str | Path, family: Family = "qwen2.5-vl", *,
-                          seed: int = 0) -> Path:
+                          seed: int = 0, vocab_size: int | None = None) -> Path:
     """Write a tiny random-weight ``family`` checkpoint into directory ``path``; return it.
 
     Deterministic: the same ``seed`` gives byte-identical weights and the same tokenizer.
     The directory is created if needed; files already there are overwritten.
+    ``vocab_size`` pads the embedding and output rows (e.g. to Qwen's 151,936) so that
+    memory costs that scale with the vocabulary show on the CPU; the extra rows are never
+    produced by the tokenizer but are scored at every step, as in the real model.
     """
     spec = _spec(family)
     import torch
@@ -403,7 +409,7 @@ def build_tiny_checkpoint(path: str | Path, family: Family = "qwen2.5-vl", *,
     out.mkdir(parents=True, exist_ok=True)
 
     tokenizer = _build_tokenizer()
-    config = _config(family, tokenizer)
+    config = _config(family, tokenizer, vocab_size)
     if config.model_type != spec.model_type:
         raise RuntimeError(f"built a {config.model_type} config for {family}")
 
@@ -424,7 +430,7 @@ def build_tiny_checkpoint(path: str | Path, family: Family = "qwen2.5-vl", *,
 
 
 def tiny_checkpoint(family: Family = "qwen2.5-vl", cache_dir: str | Path | None = None, *,
-                    seed: int = 0) -> Path:
+                    seed: int = 0, vocab_size: int | None = None) -> Path:
     """The tiny ``family`` checkpoint, built on first use and then reused.
 
     It lives in ``cache_dir`` (default: a folder under the system temp dir) in a
@@ -433,7 +439,7 @@ def tiny_checkpoint(family: Family = "qwen2.5-vl", cache_dir: str | Path | None 
     several processes ask at once: each builds into a private temp dir, and the first
     rename wins; the others discard theirs and use the winner's.
     """
-    key = _cache_key(family, seed)
+    key = _cache_key(family, seed) + (f"-vocab{vocab_size}" if vocab_size else "")
     root = Path(cache_dir) if cache_dir is not None else (
         Path(tempfile.gettempdir()) / "grounding-tiny-checkpoints")
     final = root / key
@@ -443,7 +449,7 @@ def tiny_checkpoint(family: Family = "qwen2.5-vl", cache_dir: str | Path | None 
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
     try:
-        build_tiny_checkpoint(tmp, family, seed=seed)
+        build_tiny_checkpoint(tmp, family, seed=seed, vocab_size=vocab_size)
         # model.safetensors is written 0600 and mkdtemp makes a 0700 dir: let others read.
         for f in tmp.iterdir():
             f.chmod(0o644)

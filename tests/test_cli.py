@@ -85,3 +85,15 @@ def test_console_script_is_installed():
                            "-d", "qwen3-vl"], capture_output=True, text=True, check=True)
     assert json.loads(done.stdout)["points"][0]["point"] == [925, 618]
     assert "parse" in subprocess.run([exe, "--help"], capture_output=True, text=True).stdout
+
+
+def test_the_command_line_starts_without_importing_torch():
+    """`grounding parse` and `--help` must not pay torch's and transformers' import time."""
+    import subprocess
+    import sys
+
+    code = ("import sys, grounding.cli; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"

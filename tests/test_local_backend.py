@@ -181,8 +181,59 @@ def test_missing_model_is_one_clear_line(tmp_path):
         LocalBackend(str(tmp_path / "nowhere"))
     message = str(info.value)
     assert "nowhere" in message and "--model" in message and "\n" not in message
-    with pytest.raises(ModelLoadError, match="hf auth login"):
+    assert "no such checkpoint directory" in message
+
+
+@pytest.mark.parametrize("name", ["/models/Qwen2.5-VL-3B-Instruct", "./ckpt", "~/no/such/ckpt",
+                                  "models/qwen/Qwen2.5-VL-3B"])
+def test_a_path_that_does_not_exist_is_named_as_a_path(name):
+    with pytest.raises(ModelLoadError, match="no such checkpoint directory"):
+        LocalBackend(name)
+
+
+def test_a_file_is_not_a_checkpoint_directory(tmp_path):
+    (tmp_path / "model.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="not a checkpoint directory"):
+        LocalBackend(str(tmp_path / "model.bin"))
+
+
+def test_unreachable_hub_fails_fast_in_one_line(monkeypatch):
+    """huggingface_hub retries an unreachable hub for about 30 s; the backend asks once."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # conftest sets it
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens
+    start = time.perf_counter()
+    with pytest.raises(ModelLoadError) as info:
         LocalBackend("Qwen/Qwen2.5-VL-7B-Instrukt")
+    assert time.perf_counter() - start < 10
+    assert "not in the local cache" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_hub_offline_fails_at_once(monkeypatch):
+    from huggingface_hub import constants
+
+    from grounding.backends import local
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(local, "hub_reachable", lambda *a: pytest.fail("probed the hub"))
+    with pytest.raises(ModelLoadError, match="not in the local cache"):
+        LocalBackend("Qwen/Qwen2.5-VL-7B-Instrukt")
+
+
+def test_a_reachable_hub_loads_online(monkeypatch):
+    from huggingface_hub import constants
+
+    from grounding.backends import local
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(local, "hub_reachable", lambda *a: True)
+    assert local.resolve_model("Qwen/Qwen2.5-VL-7B-Instruct") == (
+        "Qwen/Qwen2.5-VL-7B-Instruct", False)
+    ckpt = str(tiny_checkpoint("qwen2.5-vl"))
+    assert local.resolve_model(ckpt) == (ckpt, True)
 
 
 def test_cli_detect_stdout_and_out_dir(tmp_path):
@@ -215,7 +266,7 @@ def test_cli_detect_bad_model_is_one_line(tmp_path):
     out = CliRunner().invoke(app, ["detect", str(img), "--classes", "cat", "--model",
                                    str(tmp_path / "missing")])
     assert out.exit_code == 2
-    assert out.stderr.count("\n") == 1 and "cannot load model" in out.stderr
+    assert out.stderr.count("\n") == 1 and "no such checkpoint directory" in out.stderr
 
 
 def test_overlay_draws_on_the_box_and_displays_in_jupyter():
@@ -252,3 +303,12 @@ def test_every_dialect_has_prompts(dialect):
 
 def test_user_prompt_overrides_builtin():
     assert Query.make(["cat"], "Find all cats, JSON please").text("qwen2.5-vl") == "Find all cats, JSON please"
+
+
+def test_cli_impossible_device_is_one_line(tmp_path):
+    img = tmp_path / "a.jpg"
+    noise(50, 50).save(img)
+    out = CliRunner().invoke(app, ["detect", str(img), "--classes", "cat", "--model",
+                                   str(tiny_checkpoint("qwen2.5-vl")), "--device", "cuda:1"])
+    assert out.exit_code == 2
+    assert out.stderr.count("\n") == 1 and "cuda:1" in out.stderr

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import logging
+import os
 import time
+from contextlib import nullcontext
 from typing import Any
 
 from PIL import Image
 
 from grounding.backends.base import TOP_LOGPROBS, Generation, Request
+from grounding.backends.placement import Machine, plan
 from grounding.dialects import Dialect, get_dialect
 from grounding.errors import GeometryError, GroundingError
 from grounding.geometry import Size, model_frame, resolve_budget
@@ -26,6 +28,18 @@ class ModelLoadError(GroundingError):
     """The weights could not be had; the message says what to do."""
 
 
+class GPUOutOfMemory(GroundingError):
+    """One image alone does not fit in GPU memory."""
+
+    def __init__(self) -> None:
+        super().__init__("out of GPU memory: lower --max-pixels or --batch-size")
+
+
+HUB_PROBE_TIMEOUT = 3.0
+"""Seconds to wait for the hub before loading from the local cache only (instead of
+huggingface_hub's retries, about 30 s when the hub cannot be reached)."""
+
+
 def _load_hint(model: str, exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return (
@@ -35,14 +49,57 @@ def _load_hint(model: str, exc: BaseException) -> str:
     )
 
 
+def looks_like_path(model: str) -> bool:
+    """A hub id is ``name`` or ``org/name``; anything else is meant as a directory."""
+    return (model.startswith((".", "/", "~")) or "\\" in model or model.count("/") > 1
+            or os.path.isabs(model))
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """One request to the hub with no retries (the hub's own session: proxies apply)."""
+    from huggingface_hub import constants, get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # DNS, refused, timeout, proxy: all mean "not now"
+        return False
+    return True
+
+
+def resolve_model(model: str) -> tuple[str, bool]:
+    """(what from_pretrained gets, local_files_only) for ``--model``.
+
+    A path-like name that is not a directory fails at once ("no such checkpoint
+    directory"), rather than as a malformed hub id. A hub id is loaded from the local
+    cache only when the hub is offline (HF_HUB_OFFLINE) or does not answer within
+    HUB_PROBE_TIMEOUT; an id not cached then fails in one line."""
+    path = os.path.expanduser(model)
+    if os.path.isdir(path):
+        return path, True
+    if looks_like_path(model):
+        if os.path.exists(path):
+            raise ModelLoadError(f"--model {model}: not a checkpoint directory (a file)")
+        raise ModelLoadError(f"--model {model}: no such checkpoint directory")
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return model, True
+    return model, not hub_reachable()
+
+
 class LocalBackend:
     """Holds one loaded model and processor; see :class:`grounding.backends.Backend`.
 
-    GPU defaults: bf16 where supported (else fp16), ``device_map="auto"``, flash-attention
-    2 when installed, else sdpa. On CPU it runs in float32, slowly, after a warning.
-    The pixel budget (``min_pixels``/``max_pixels``) defaults to the dialect's
-    ``budget`` (README: "Pixel budget"); the processor is told not to resize again, and the
-    frame it reports is checked against the one grounding predicted.
+    Placement (device, dtype, attention, weight map) is decided by
+    :func:`grounding.backends.placement.plan`: the first GPU in bf16 (fp16 where bf16 is
+    missing) with flash-attention 2 when installed, else sdpa; float32 on the CPU, slowly,
+    after a warning. The pixel budget (``min_pixels``/``max_pixels``) defaults to the
+    dialect's ``budget`` (README: "Pixel budget"); the processor is told not to resize
+    again, and the frame it reports is checked against the one grounding predicted.
+
+    A batch that runs out of GPU memory is split in halves, down to one image, and later
+    batches are capped at the size that fitted; an image that does not fit alone is that
+    request's :class:`GPUOutOfMemory` error.
     """
 
     def __init__(
@@ -56,14 +113,23 @@ class LocalBackend:
         max_pixels: int | None = None,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
         attn_implementation: str | None = None,
+        scores: bool = True,
     ) -> None:
-        import torch
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+        from grounding.backends.token_scores import TokenTexts
+
         self.model = str(model)
+        source, offline = resolve_model(self.model)
         try:
-            config = AutoConfig.from_pretrained(self.model)
+            config = AutoConfig.from_pretrained(source, local_files_only=offline)
         except (OSError, ValueError, KeyError) as exc:
+            if offline and source == self.model:
+                raise ModelLoadError(
+                    f"cannot load model {self.model!r}: it is not in the local cache and the "
+                    "hub is offline or unreachable; download it where the hub is reachable "
+                    "(`hf download MODEL`) or point --model at a checkpoint directory"
+                ) from None
             raise ModelLoadError(_load_hint(self.model, exc)) from None
         try:
             self.dialect = get_dialect(dialect or config.model_type)
@@ -75,44 +141,36 @@ class LocalBackend:
         if self.dialect.factor is None:
             raise ModelLoadError(f"the local backend runs Qwen2/2.5/3-VL; {self.dialect.name} "
                                  "models are reached through a server (--backend openai)")
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu":
-            log.warning("grounding: no GPU found, running %s on the CPU (slow)", self.model)
-        if dtype is None:
-            if device.startswith("cuda"):
-                dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            else:
-                dtype = torch.float32
-        if attn_implementation is None:
-            flash = importlib.util.find_spec("flash_attn") is not None
-            attn_implementation = "flash_attention_2" if flash and device != "cpu" else "sdpa"
+        self.placement = plan(Machine.probe(), device, dtype, attn_implementation)
+        if not self.placement.on_gpu:
+            log.warning("grounding: no GPU in use, running %s on the CPU (slow)", self.model)
         try:
-            self.processor = AutoProcessor.from_pretrained(self.model)
+            self.processor = AutoProcessor.from_pretrained(source, local_files_only=offline)
             self.net = AutoModelForImageTextToText.from_pretrained(
-                self.model, dtype=dtype, attn_implementation=attn_implementation,
-                device_map="auto" if device.startswith("cuda") else None,
+                source, local_files_only=offline, dtype=self.placement.torch_dtype(),
+                attn_implementation=self.placement.attn_implementation,
+                device_map=self.placement.device_map,
             )
         except (OSError, ValueError) as exc:
             raise ModelLoadError(_load_hint(self.model, exc)) from None
-        if not device.startswith("cuda"):
-            self.net.to(device)
         self.net.eval()
-        self.device = device
+        self.device = self.placement.device
         tokenizer = self.processor.tokenizer
         tokenizer.padding_side = "left"
         self.tokenizer = tokenizer
+        self.token_texts = TokenTexts(tokenizer)
         self.patch_size = int(self.processor.image_processor.patch_size)
         self.min_pixels, self.max_pixels = resolve_budget(self.dialect, min_pixels, max_pixels)
         self.max_new_tokens = max_new_tokens
+        self.scores = scores
+        """Record each step's log-probabilities (confidences, --verify); False skips it."""
+        self.batch_cap: int | None = None
+        """Set after an out-of-memory: the largest batch that fitted."""
         generation = self.net.generation_config
         eos = generation.eos_token_id if generation.eos_token_id is not None else []
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos)
         self.eos_ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
         self.pad_id = tokenizer.pad_token_id
-
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def frame(self, image_size: Size) -> Size:
         return model_frame(self.dialect, *image_size, min_pixels=self.min_pixels,
@@ -132,8 +190,23 @@ class LocalBackend:
     def generate(self, requests: list[Request]) -> list[Generation | Exception]:
         if not requests:
             return []
+        cap = self.batch_cap or len(requests)
+        if len(requests) > cap:
+            return [g for start in range(0, len(requests), cap)
+                    for g in self.generate(requests[start:start + cap])]
+        import torch
+
         try:
             return list(self._generate(requests))
+        except torch.cuda.OutOfMemoryError:
+            _free_gpu_memory()
+            if len(requests) == 1:
+                return [GPUOutOfMemory()]
+            half = (len(requests) + 1) // 2
+            self.batch_cap = half if self.batch_cap is None else min(self.batch_cap, half)
+            log.warning("grounding: out of GPU memory on a batch of %d; batches are now at "
+                        "most %d", len(requests), self.batch_cap)
+            return self.generate(requests[:half]) + self.generate(requests[half:])
         except Exception as exc:  # isolate the failing request
             if len(requests) == 1:
                 return [exc]
@@ -143,6 +216,8 @@ class LocalBackend:
 
     def _generate(self, requests: list[Request]) -> list[Generation]:
         import torch
+
+        from grounding.backends.token_scores import RowLimits, StepRecorder
 
         t0 = time.perf_counter()
         # Every image of every request in message order: a request's references, then its
@@ -161,42 +236,50 @@ class LocalBackend:
                                     f"{frame[0]}x{frame[1]} was expected")
         ends = itertools.accumulate(len(r.references) + 1 for r in requests)
         seen = [grids[end - 1] for end in ends]
-        inputs = inputs.to(self.net.device)
+        inputs = inputs.to(self.device)
+        prompt_length = inputs["input_ids"].shape[1]
+        limits = [r.max_new_tokens or self.max_new_tokens for r in requests]
         t1 = time.perf_counter()
-        limit = max(r.max_new_tokens or self.max_new_tokens for r in requests)
-        with torch.inference_mode():
+        recorder = StepRecorder(self.net, TOP_LOGPROBS) if self.scores else nullcontext()
+        with torch.inference_mode(), recorder:
             out = self.net.generate(
-                **inputs, max_new_tokens=limit, do_sample=False,
-                output_logits=True, return_dict_in_generate=True,
+                **inputs, max_new_tokens=max(limits), do_sample=False,
+                logits_processor=[recorder] if self.scores else None,
+                stopping_criteria=[RowLimits(prompt_length, limits)],
                 pad_token_id=self.pad_id,
             )
         t2 = time.perf_counter()
-        new = out.sequences[:, inputs["input_ids"].shape[1]:].cpu()
-        all_logprobs = torch.log_softmax(torch.stack(out.logits, dim=1).float(), dim=-1).cpu()
-        logprobs = all_logprobs.gather(-1, new.unsqueeze(-1)).squeeze(-1)
-        top_values, top_ids = all_logprobs.topk(TOP_LOGPROBS, dim=-1)
+        new = out[:, prompt_length:].cpu()
+        logprobs, top_values, top_ids = recorder.result(out) if self.scores else (None,) * 3
         results = []
-        for b, (row, request, frame) in enumerate(zip(new.tolist(), requests, seen,
-                                                      strict=True)):
+        for b, (row, limit, frame) in enumerate(zip(new.tolist(), limits, seen, strict=True)):
+            row = row[:limit]
             stop = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
             ids = row if stop is None else row[:stop]
-            top = [
-                {self._token_text(t): v for t, v in zip(top_ids[b, i].tolist(),
-                                                         top_values[b, i].tolist(), strict=True)}
-                for i in range(len(ids))
-            ]
-            results.append(Generation(
+            generation = Generation(
                 text=self.tokenizer.decode(ids, skip_special_tokens=False),
-                input_size=frame,
-                truncated=stop is None and len(row) >= (request.max_new_tokens or
-                                                         self.max_new_tokens),
-                tokens=[self._token_text(t) for t in ids],
-                token_logprobs=logprobs[b, : len(ids)].tolist(),
-                top_logprobs=top,
-            ))
+                input_size=frame, truncated=stop is None and len(row) >= limit)
+            if self.scores:
+                n = len(ids)
+                generation.tokens = self.token_texts(ids)
+                generation.token_logprobs = logprobs[b, :n].tolist()
+                generation.top_logprobs = [
+                    dict(zip(self.token_texts(top_ids[b, i].tolist()),
+                             top_values[b, i].tolist(), strict=True)) for i in range(n)]
+            results.append(generation)
         t3 = time.perf_counter()
         n = len(requests)
         for g in results:
             g.timings = {"preprocess": (t1 - t0) / n, "generate": (t2 - t1) / n,
                          "decode": (t3 - t2) / n}
         return results
+
+
+def _free_gpu_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
