@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from grounding import __version__
+from grounding.backends.local import DEFAULT_MODEL
 from grounding.classes import ClassMap
 from grounding.dialects import DIALECTS, get_dialect
 from grounding.errors import GroundingError
@@ -125,7 +126,7 @@ BackendKind = Annotated[str, typer.Option(
     "--backend", help="local: transformers in this process; openai: an OpenAI-compatible "
                       "server (vLLM, SGLang, hosted APIs).")]
 Model = Annotated[str | None, typer.Option(
-    help="local: hub id or checkpoint directory (default Qwen/Qwen2.5-VL-7B-Instruct); "
+    help=f"local: hub id or checkpoint directory (default {DEFAULT_MODEL}); "
          "openai: the served model name (default: the first the server lists).")]
 DialectOpt = Annotated[str | None, typer.Option(
     "--dialect", help="How the model writes boxes (default: from the checkpoint's config, "
@@ -140,7 +141,9 @@ MinPixels = Annotated[int | None, typer.Option(
 MaxPixels = Annotated[int | None, typer.Option(
     help="Pixel budget: largest model frame (default: the dialect's, see README).")]
 System = Annotated[str | None, typer.Option(help="System prompt.")]
-Device = Annotated[str | None, typer.Option(help="local: cuda, cuda:1, cpu (default: auto).")]
+Device = Annotated[str | None, typer.Option(
+    help="local: cuda, cuda:N, cpu, or auto to spread a model over all GPUs (default: the "
+         "first GPU, else the CPU).")]
 BaseUrl = Annotated[str | None, typer.Option(
     help="openai: server URL including /v1, e.g. http://gpu-box:8000/v1.")]
 ApiKeyEnv = Annotated[str | None, typer.Option(
@@ -663,3 +666,36 @@ def evaluate_cmd(
         from rich.console import Console
 
         Console().print(report.table())
+
+
+@app.command()
+def doctor(
+    model: Annotated[str | None, typer.Option(
+        help=f"Hub id or checkpoint directory to check (default {DEFAULT_MODEL}).")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="The --device to check: cuda, cuda:N, cpu or auto (default: the backend's "
+             "choice).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")
+    ] = False,
+) -> None:
+    """Check, before a long run, that the local backend can run here and how.
+
+    Prints the versions that matter, every visible GPU (memory, compute capability, bf16),
+    the device, dtype and attention kernel the backend would choose, and the model: where
+    it is, its dialect and pixel budget. Nothing is downloaded and the model is not loaded.
+    Exits 1 with the reason when the backend cannot run: torch, transformers or accelerate
+    missing, an impossible --device, a missing model path, or a model not in the cache
+    while HF_HUB_OFFLINE=1.
+    """
+    from grounding.doctor import gather, render
+
+    report = gather(model, device)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        typer.echo(render(report))
+        if report.ok:
+            typer.secho(report.verdict, fg="yellow" if report.warnings else "green", bold=True)
+    if not report.ok:
+        typer.secho(f"error: {report.verdict}", fg="red", err=True)
+        raise typer.Exit(1)
