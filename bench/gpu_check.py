@@ -164,8 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     from grounding.backends.local import DEFAULT_MODEL, LocalBackend
-    from grounding.detector import Detector
-    from grounding.errors import GroundingError
+    from grounding.core.errors import GroundingError
+    from grounding.pipeline.detector import Detector
     from grounding.testing import tiny_checkpoint
 
     gpu = torch.cuda.is_available()

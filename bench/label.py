@@ -38,10 +38,10 @@ def make_images(root: Path, n: int) -> None:
 
 def child(images: Path, out: Path) -> dict:
     """Runs in its own process: label, then export each format."""
-    from grounding.detector import Detector, Query
-    from grounding.export import export_coco, export_labelstudio, export_yolo
-    from grounding.labeling import label
-    from grounding.runs import RunDir
+    from grounding.formats import export_coco, export_labelstudio, export_yolo
+    from grounding.pipeline.detector import Detector, Query
+    from grounding.runs.labeling import label
+    from grounding.runs.rundir import RunDir
     from grounding.testing import StaticBackend
 
     run = RunDir(out / "run")

@@ -55,7 +55,7 @@ def run(detector, imgs, batch: int) -> dict[str, float]:
 
 def throughput(args: argparse.Namespace) -> None:
     from grounding.backends.local import LocalBackend
-    from grounding.detector import Detector
+    from grounding.pipeline.detector import Detector
 
     backend = LocalBackend(args.model, max_new_tokens=args.max_new_tokens)
     detector = Detector(backend)

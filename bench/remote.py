@@ -4,7 +4,7 @@
     python bench/remote.py                        # latency 1 s, concurrency 1 4 16 64
     python bench/remote.py --latency 0.5 --concurrency 8 32 --images 400
 
-The server is grounding.loopback.LoopbackServer on 127.0.0.1, in a child process so that
+The server is grounding.testing.loopback.LoopbackServer on 127.0.0.1, in a child process so that
 its work does not share the client's GIL (``--in-process``: in a thread of this process):
 every answer takes ``latency`` seconds and at most ``capacity`` = concurrency requests are
 served at once, so the best possible rate is concurrency / latency images/s.
@@ -43,9 +43,9 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from grounding.backends.remote import OpenAIBackend
-from grounding.detector import Detector
-from grounding.loopback import LoopbackServer, fixed_handler
+from grounding.backends.remote.client import OpenAIBackend
+from grounding.pipeline.detector import Detector
+from grounding.testing.loopback import LoopbackServer, fixed_handler
 
 TARGET = 0.90
 SIDE = 224  # a multiple of 28 inside the budget below: the client sends it as it is
@@ -227,10 +227,10 @@ def encode_costs(console: Console, repeat: int = 5) -> None:
     base64, on the sample photos (the client's CPU per image beyond the HTTP)."""
     from pathlib import Path
 
-    from grounding.backends.remote import _encode
-    from grounding.dialects import get_dialect
-    from grounding.geometry import model_frame, resolve_budget
-    from grounding.images import load_image
+    from grounding.backends.remote.client import _encode
+    from grounding.core.dialects import get_dialect
+    from grounding.core.geometry import model_frame, resolve_budget
+    from grounding.io.images import load_image
 
     dialect = get_dialect("qwen2.5-vl")
     low, high = resolve_budget(dialect, None, None)

@@ -29,8 +29,8 @@ from rich.table import Table
 
 from grounding import result_from_text
 from grounding.backends.local import LocalBackend
-from grounding.detector import Detector
-from grounding.verify import crop_with_context, verify_many
+from grounding.pipeline.detector import Detector
+from grounding.pipeline.verify import crop_with_context, verify_many
 
 
 def images(n: int, size: tuple[int, int], seed: int = 0) -> list[Image.Image]:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from grounding.assemble import build_result, result_from_text
-from grounding.classes import ClassMap
-from grounding.detector import Detector
-from grounding.dialects import DIALECTS, Dialect, get_dialect, parse
-from grounding.errors import GeometryError, GroundingError, ImageLoadError
-from grounding.geometry import model_frame, smart_resize
-from grounding.images import load_image
+from grounding.core.assemble import build_result, result_from_text
+from grounding.core.classes import ClassMap
+from grounding.core.dialects import DIALECTS, Dialect, get_dialect, parse
+from grounding.core.errors import GeometryError, GroundingError, ImageLoadError
+from grounding.core.geometry import model_frame, smart_resize
+from grounding.core.result import Box, Point, Result
+from grounding.io.images import load_image
 from grounding.parsing import ParsedOutput, RawObject
-from grounding.result import Box, Point, Result
+from grounding.pipeline.detector import Detector
 
 __all__ = [
     "DIALECTS",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from grounding import load_image
-from grounding.evaluate import IMAGE_EXTENSIONS, evaluate
+from grounding.formats.evaluate import IMAGE_EXTENSIONS, evaluate
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 IMAGES = ASSETS / "images"

@@ -1,5 +1,5 @@
-from grounding.dialects import get_dialect
-from grounding.geometry import resolve_budget
+from grounding.core.dialects import get_dialect
+from grounding.core.geometry import resolve_budget
 
 
 def test_defaults_are_the_dialect_budget():

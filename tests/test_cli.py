@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from typer.testing import CliRunner
 
-from grounding.cli import app
+from grounding.cli.app import app
 from tests.real_outputs import FIXTURES, raw_text
 
 runner = CliRunner()
@@ -92,7 +92,7 @@ def test_the_command_line_starts_without_importing_torch():
     import subprocess
     import sys
 
-    code = ("import sys, grounding.cli; "
+    code = ("import sys, grounding.cli.app; "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grounding.loopback import LoopbackServer, grounding_handler
-from grounding.runs import read_jsonl
+from grounding.runs.rundir import read_jsonl
+from grounding.testing.loopback import LoopbackServer, grounding_handler
 
 EXE = shutil.which("grounding")
 

@@ -8,11 +8,11 @@ import re
 import pytest
 
 from grounding import parse, result_from_text
-from grounding.assemble import build_result
-from grounding.backends.remote import OpenAIBackend
-from grounding.confidence import locate, score_objects, token_spans
-from grounding.detector import Detector
-from grounding.loopback import LoopbackServer, grounding_handler, token_logprob, tokenize
+from grounding.backends.remote.client import OpenAIBackend
+from grounding.core.assemble import build_result
+from grounding.core.confidence import locate, score_objects, token_spans
+from grounding.pipeline.detector import Detector
+from grounding.testing.loopback import LoopbackServer, grounding_handler, token_logprob, tokenize
 from tests.real_outputs import all_names, raw_text
 
 # Digits one per token, as the Qwen tokenizers split them.
@@ -25,7 +25,7 @@ def tokens_of(text):
 
 def logprobs_by_object(text, values, background=-9.0):
     """A log-probability per token: values[i] for every token of object i's text, found
-    independently of grounding.confidence: from the `{` or `<` that opens the i-th
+    independently of grounding.core.confidence: from the `{` or `<` that opens the i-th
     coordinate key (or data-bbox) to where the next object's opens; background before."""
     markers = [m.start() for m in re.finditer(r'bbox_2d|point_2d|data-bbox', text)]
     starts = [max(text.rfind("{", 0, m), text.rfind("<", 0, m), 0) for m in markers] or [0]

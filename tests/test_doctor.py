@@ -8,11 +8,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from grounding.backends.doctor import GPU, ModelInfo, Report, render
 from grounding.backends.local import DEFAULT_MODEL
 from grounding.backends.placement import Machine
-from grounding.cli import app
-from grounding.dialects import DIALECTS
-from grounding.doctor import GPU, ModelInfo, Report, render
+from grounding.cli.app import app
+from grounding.core.dialects import DIALECTS
 from grounding.testing import tiny_checkpoint
 
 runner = CliRunner()

@@ -11,8 +11,8 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from grounding.evaluate import evaluate
-from grounding.export import export_yolo
+from grounding.formats import export_yolo
+from grounding.formats.evaluate import evaluate
 
 CLASSES = ["cat", "dog"]
 # Ground-truth category ids deliberately unlike grounding's: mapping is by name.

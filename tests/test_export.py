@@ -18,9 +18,9 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from grounding.export import export_coco, export_labelstudio, export_yolo
-from grounding.export.yolo import is_val
-from grounding.images import load_image
+from grounding.formats import export_coco, export_labelstudio, export_yolo
+from grounding.formats.yolo import is_val
+from grounding.io.images import load_image
 
 CLASSES = ["cat", "dog"]
 RED, BLUE = (255, 0, 0), (0, 0, 255)

@@ -26,7 +26,7 @@ from grounding import (
     model_frame,
     result_from_text,
 )
-from grounding.geometry import to_model_box
+from grounding.core.geometry import to_model_box
 
 FIXTURES = Path(__file__).parent / "fixtures" / "real_outputs"
 

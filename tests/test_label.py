@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grounding.detector import Detector, Query
-from grounding.labeling import label
-from grounding.runs import (
+from grounding.pipeline.detector import Detector, Query
+from grounding.runs.labeling import label
+from grounding.runs.rundir import (
     RunConfigError,
     RunDir,
     find_images,
@@ -150,9 +150,9 @@ def test_repair_cuts_a_half_written_line(tmp_path):
 
 SCRIPT = textwrap.dedent("""
     import sys
-    from grounding.detector import Detector, Query
-    from grounding.labeling import label
-    from grounding.runs import RunDir
+    from grounding.pipeline.detector import Detector, Query
+    from grounding.runs.labeling import label
+    from grounding.runs.rundir import RunDir
     from grounding.testing import StaticBackend
     det = Detector(StaticBackend(label="cat", delay=float(sys.argv[3])), batch_size=2)
     label(det, Query.make(["cat"]), sys.argv[1], RunDir(sys.argv[2]))

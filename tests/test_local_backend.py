@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 from grounding import model_frame
 from grounding.backends import Request
 from grounding.backends.local import LocalBackend, ModelLoadError
-from grounding.cli import app
-from grounding.detector import Detector, Query
-from grounding.result import Box, Result
+from grounding.cli.app import app
+from grounding.core.result import Box, Result
+from grounding.pipeline.detector import Detector, Query
 from grounding.testing import tiny_checkpoint
 
 FAMILIES = ["qwen2.5-vl", "qwen3-vl"]

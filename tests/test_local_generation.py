@@ -13,7 +13,7 @@ from grounding.backends import Request
 from grounding.backends.base import TOP_LOGPROBS
 from grounding.backends.local import GPUOutOfMemory, LocalBackend
 from grounding.backends.token_scores import TokenTexts
-from grounding.detector import Detector
+from grounding.pipeline.detector import Detector
 from grounding.testing import tiny_checkpoint
 
 

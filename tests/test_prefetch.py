@@ -3,7 +3,7 @@ import time
 
 import pytest
 
-from grounding.prefetch import prefetch
+from grounding.pipeline.prefetch import prefetch
 
 
 def test_order_is_kept_whatever_finishes_first():

@@ -1,4 +1,4 @@
-"""Visual questions on detections (grounding.qa, `grounding ask`): answers read into
+"""Visual questions on detections (grounding.pipeline.qa, `grounding ask`): answers read into
 attributes, the whole set asked with numbered boxes, record files, against a loopback
 server and the tiny local model."""
 
@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 from grounding import GroundingError
 from grounding.backends.local import LocalBackend
-from grounding.backends.remote import OpenAIBackend
-from grounding.cli import app
-from grounding.loopback import LoopbackServer, Reply, completion, server_error
-from grounding.qa import (
+from grounding.backends.remote.client import OpenAIBackend
+from grounding.cli.app import app
+from grounding.core.result import Box, Result
+from grounding.pipeline.qa import (
     all_prompt,
     answer_attributes,
     ask,
@@ -26,9 +26,9 @@ from grounding.qa import (
     pick_record,
     read_records,
 )
-from grounding.result import Box, Result
+from grounding.pipeline.verify import crop_with_context
 from grounding.testing import tiny_checkpoint
-from grounding.verify import crop_with_context
+from grounding.testing.loopback import LoopbackServer, Reply, completion, server_error
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 

@@ -1,4 +1,4 @@
-"""OpenAIBackend against grounding.loopback.LoopbackServer: exact coordinates for every
+"""OpenAIBackend against grounding.testing.loopback.LoopbackServer: exact coordinates for every
 dialect, the image the server receives, retries and error records, concurrency, API-key
 handling and the request options. Everything runs on 127.0.0.1, no network, no model."""
 
@@ -15,9 +15,9 @@ from PIL import Image
 
 from grounding import GroundingError, load_image
 from grounding.backends.base import Generation, Request
-from grounding.backends.remote import OpenAIBackend, RemoteError
-from grounding.detector import Detector
-from grounding.loopback import (
+from grounding.backends.remote.client import OpenAIBackend, RemoteError
+from grounding.pipeline.detector import Detector
+from grounding.testing.loopback import (
     LoopbackServer,
     Reply,
     dashscope_error,
@@ -270,7 +270,7 @@ def test_references_go_before_the_image_and_boxes_come_from_the_last(dialect, te
 
 
 def test_references_are_encoded_once_per_run(monkeypatch):
-    import grounding.backends.remote as remote
+    import grounding.backends.remote.client as remote
 
     calls = []
     encode = remote._encode
@@ -305,7 +305,7 @@ def test_cli_detect_with_a_reference_and_text_first(tmp_path):
 
     from typer.testing import CliRunner
 
-    from grounding.cli import app
+    from grounding.cli.app import app
 
     size, rect = (300, 200), rect_for((300, 200))
     scene(size, rect).save(tmp_path / "target.png")
@@ -734,7 +734,7 @@ def test_loopback_red_box_and_lifetime():
 
 
 def test_503_retry_after_is_honoured_and_capped(monkeypatch):
-    import grounding.backends.remote as remote
+    import grounding.backends.remote.client as remote
 
     monkeypatch.setattr(remote, "MAX_RETRY_AFTER", 0.3)
     busy = Reply(503, {"error": {"message": "busy"}}, headers={"Retry-After": "3600"})

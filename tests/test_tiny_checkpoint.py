@@ -13,7 +13,7 @@ from PIL import Image
 from qwen_vl_utils import smart_resize
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from grounding import testing
+from grounding.testing import tiny as testing
 from grounding.testing import (
     FAMILIES,
     QWEN_SPECIAL_TOKENS,
@@ -226,7 +226,7 @@ def test_tiny_checkpoint_race_loser_uses_the_winner(
     real_build = testing.build_tiny_checkpoint
     finals: list[Path] = []
 
-    def build_and_publish_first(path, family, *, seed=0):
+    def build_and_publish_first(path, family, *, seed=0, vocab_size=None):
         out = real_build(path, family, seed=seed)
         # The winner publishes a complete checkpoint at the final name before our rename.
         final = Path(path).parent / testing._cache_key(family, seed)

@@ -17,13 +17,11 @@ from typer.testing import CliRunner
 from grounding import load_image
 from grounding.backends.base import Generation, Request
 from grounding.backends.local import LocalBackend
-from grounding.backends.remote import OpenAIBackend
-from grounding.cli import app
-from grounding.detector import Detector
-from grounding.loopback import LoopbackServer, Reply, grounding_handler
-from grounding.result import Box, Result
-from grounding.testing import tiny_checkpoint
-from grounding.verify import (
+from grounding.backends.remote.client import OpenAIBackend
+from grounding.cli.app import app
+from grounding.core.result import Box, Result
+from grounding.pipeline.detector import Detector
+from grounding.pipeline.verify import (
     crop_with_context,
     verification_score,
     verify,
@@ -31,6 +29,8 @@ from grounding.verify import (
     verify_prompt,
     yes_probability,
 )
+from grounding.testing import tiny_checkpoint
+from grounding.testing.loopback import LoopbackServer, Reply, grounding_handler
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -537,9 +537,9 @@ def test_cli_label_verify_is_part_of_the_run_config(tmp_path):
 
 
 def test_runs_made_before_verify_existed_still_resume(tmp_path):
-    from grounding.detector import Query
-    from grounding.labeling import run_config
-    from grounding.runs import RunDir
+    from grounding.pipeline.detector import Query
+    from grounding.runs.labeling import run_config
+    from grounding.runs.rundir import RunDir
     from grounding.testing import StaticBackend
 
     images = tmp_path / "images"

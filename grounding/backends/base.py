@@ -7,8 +7,8 @@ from typing import Protocol, runtime_checkable
 
 from PIL import Image
 
-from grounding.dialects import Dialect
-from grounding.geometry import Size
+from grounding.core.dialects import Dialect
+from grounding.core.geometry import Size
 
 TOP_LOGPROBS = 10
 """How many alternatives per generated token the backends keep."""

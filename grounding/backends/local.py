@@ -13,9 +13,9 @@ from PIL import Image
 
 from grounding.backends.base import TOP_LOGPROBS, Generation, Request
 from grounding.backends.placement import Machine, plan
-from grounding.dialects import Dialect, get_dialect
-from grounding.errors import GeometryError, GroundingError
-from grounding.geometry import Size, model_frame, resolve_budget
+from grounding.core.dialects import Dialect, get_dialect
+from grounding.core.errors import GeometryError, GroundingError
+from grounding.core.geometry import Size, model_frame, resolve_budget
 
 log = logging.getLogger("grounding")
 

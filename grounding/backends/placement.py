@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-from grounding.errors import GroundingError
+from grounding.core.errors import GroundingError
 
 DTYPES = ("bfloat16", "float16", "float32")
 ATTENTION = ("flash_attention_2", "sdpa", "eager")

@@ -12,15 +12,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from grounding.assemble import build_result
 from grounding.backends.base import Backend, Generation, Request
-from grounding.classes import ClassMap
-from grounding.confidence import score_objects
-from grounding.errors import GroundingError
-from grounding.images import ImageSource, describe, load_image
-from grounding.prefetch import prefetch
-from grounding.prompts import Task, class_prompt, expression_prompt, with_references
-from grounding.result import Result
+from grounding.core.assemble import build_result
+from grounding.core.classes import ClassMap
+from grounding.core.confidence import score_objects
+from grounding.core.errors import GroundingError
+from grounding.core.result import Result
+from grounding.io.images import ImageSource, describe, load_image
+from grounding.pipeline.prefetch import prefetch
+from grounding.pipeline.prompts import Task, class_prompt, expression_prompt, with_references
 
 
 def _in_memory(source: object) -> bool:
@@ -107,9 +107,9 @@ class Detector:
         self.batch_size = max(1, batch_size or getattr(backend, "preferred_batch", 4))
         self.io_workers = io_workers
         self.min_score = min_score
-        """Drop boxes and points scored below this (grounding.confidence); None keeps all."""
+        """Drop boxes and points scored below this (grounding.core.confidence); None keeps all."""
         self.verify = verify
-        """Ask the model about every box whether it shows its label (grounding.verify)."""
+        """Ask the model about every box whether it shows its label (grounding.pipeline.verify)."""
         self.verify_threshold = verify_threshold
         """With ``verify``: drop boxes whose probability of "yes" is below this."""
 
@@ -139,7 +139,7 @@ class Detector:
 
         ``verify`` (default: the detector's) asks the model about every box whether it
         shows its label and drops boxes whose probability of "yes" is under
-        ``verify_threshold`` (grounding.verify); the boxes of ``batch_size`` images are
+        ``verify_threshold`` (grounding.pipeline.verify); the boxes of ``batch_size`` images are
         verified together.
 
         ``references``: example images shown before every image in the same message
@@ -156,13 +156,13 @@ class Detector:
                      batch_size: int | None = None, window: int = 8,
                      verify: bool | None = None,
                      verify_threshold: float | None = None) -> Iterator[Result]:
-        """detect_many for a Query already made (the CLI and grounding.labeling make one
+        """detect_many for a Query already made (the CLI and grounding.runs.labeling make one
         to check it, and to record it, before the first image)."""
         size = batch_size or self.batch_size
         if not (self.verify if verify is None else verify):
             yield from self._detect_many(images, query, size, window)
             return
-        from grounding.verify import verified
+        from grounding.pipeline.verify import verified
 
         threshold = self.verify_threshold if verify_threshold is None else verify_threshold
         if not hasattr(self.backend, "stream"):

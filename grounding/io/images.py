@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from grounding.errors import ImageLoadError
+from grounding.core.errors import ImageLoadError
 
 ImageSource = str | PathLike | bytes | Image.Image | np.ndarray
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from grounding.dialects import Dialect, get_dialect
-from grounding.errors import GeometryError
+from grounding.core.dialects import Dialect, get_dialect
+from grounding.core.errors import GeometryError
 
 Size = tuple[int, int]
 """(width, height), the order images and records use throughout grounding."""

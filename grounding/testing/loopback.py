@@ -5,9 +5,9 @@ It needs nothing beyond the standard library (and Pillow/numpy, which grounding 
 uses, to read the images it receives). Nothing leaves the machine, so it is the way to try
 the remote backend, its retries and its error messages without a GPU, a key or a network::
 
-    from grounding.backends.remote import OpenAIBackend
-    from grounding.detector import Detector
-    from grounding.loopback import LoopbackServer, grounding_handler
+    from grounding.backends.remote.client import OpenAIBackend
+    from grounding.pipeline.detector import Detector
+    from grounding.testing.loopback import LoopbackServer, grounding_handler
 
     with LoopbackServer(handler=grounding_handler("qwen2.5-vl")) as server:
         backend = OpenAIBackend("loopback", base_url=server.base_url, dialect="qwen2.5-vl")
@@ -374,7 +374,7 @@ def _num(value: float) -> str:
 
 def answer_text(dialect: Any, box: Sequence[float] | None, label: str) -> str:
     """``box`` (already in the dialect's coordinate frame) written in the dialect's syntax."""
-    from grounding.dialects import get_dialect
+    from grounding.core.dialects import get_dialect
 
     name = get_dialect(dialect).name
     if box is None:
@@ -411,7 +411,7 @@ def grounding_handler(dialect: Any = "qwen2.5-vl", server_frame: tuple[int, int]
     """
     from PIL import Image
 
-    from grounding.dialects import get_dialect
+    from grounding.core.dialects import get_dialect
 
     d = get_dialect(dialect)
 

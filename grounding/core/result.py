@@ -84,7 +84,7 @@ class Result:
     (below ``--min-score``), ``unverified`` (``--verify`` doubted them)."""
     answers: list[dict[str, Any]] = field(default_factory=list)
     """Questions asked about the whole set of detections and the model's answers:
-    ``[{"question": ..., "answer": ...}]`` (grounding.qa); in the record only when any."""
+    ``[{"question": ..., "answer": ...}]`` (grounding.pipeline.qa); in the record only when any."""
     # Runtime only, not part of the record:
     prompt: str | None = field(default=None, repr=False, compare=False)
     generation: Any = field(default=None, repr=False, compare=False)
@@ -99,7 +99,7 @@ class Result:
     def annotate(self, image=None):
         """The overlay as a PIL image: boxes, labels and points on ``image`` (or the
         attached one)."""
-        from grounding.overlay import annotate
+        from grounding.pipeline.overlay import annotate
 
         image = image if image is not None else self._image
         if image is None:
@@ -178,8 +178,8 @@ class Result:
             ) -> Result:
         """Ask ``backend`` a question about each detection (``about="each"``: answers land
         in the boxes' attributes) or about the whole numbered set (``about="all"``: the
-        answer is appended to ``answers``); returns the updated copy. See grounding.qa."""
-        from grounding.qa import ask
+        answer is appended to ``answers``); returns the updated copy. See grounding.pipeline.qa."""
+        from grounding.pipeline.qa import ask
 
         return ask(self, image, backend, question, about=about, **options)
 

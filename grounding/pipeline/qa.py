@@ -1,6 +1,6 @@
 """Visual questions about detections: about each box, or about the whole numbered set.
 
-``about="each"``: every box is cut out with context (grounding.verify.crop_with_context)
+``about="each"``: every box is cut out with context (grounding.pipeline.verify.crop_with_context)
 and the question is asked about the crop, all boxes in one stream or batched. An answer
 holding a JSON object (``{"color": "red"}``, fenced or inside prose) has its keys merged
 into the box's ``attributes``; any other answer is stored as ``attributes["answer"]``.
@@ -24,11 +24,11 @@ import numpy as np
 from PIL import Image
 
 from grounding.backends.base import Backend, Generation, Request
-from grounding.errors import GroundingError
-from grounding.images import ImageSource
+from grounding.core.errors import GroundingError
+from grounding.core.result import Result
+from grounding.io.images import ImageSource
 from grounding.parsing import load_lenient
-from grounding.result import Result
-from grounding.verify import (
+from grounding.pipeline.verify import (
     DEFAULT_CONTEXT,
     DEFAULT_MIN_SIDE,
     copy_result,

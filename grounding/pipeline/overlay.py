@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from grounding.result import Result
+from grounding.core.result import Result
 
 
 def annotate(image: Image.Image, result: Result) -> Image.Image:

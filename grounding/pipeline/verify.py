@@ -28,8 +28,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from PIL import Image
 
 from grounding.backends.base import Backend, Generation, Request
-from grounding.images import ImageSource, load_image, upright
-from grounding.result import Box, Result
+from grounding.core.result import Box, Result
+from grounding.io.images import ImageSource, load_image, upright
 
 log = logging.getLogger("grounding")
 

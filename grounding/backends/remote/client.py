@@ -30,9 +30,9 @@ from typing import Any
 from PIL import Image
 
 from grounding.backends.base import TOP_LOGPROBS, Generation, Request
-from grounding.dialects import Dialect, get_dialect, guess_dialect
-from grounding.errors import GroundingError
-from grounding.geometry import Size, model_frame, resolve_budget
+from grounding.core.dialects import Dialect, get_dialect, guess_dialect
+from grounding.core.errors import GroundingError
+from grounding.core.geometry import Size, model_frame, resolve_budget
 
 log = logging.getLogger("grounding")
 

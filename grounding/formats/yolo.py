@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from grounding.export.common import (
+from grounding.formats.common import (
     ExportStats,
     check_class_names,
     iter_items,

@@ -25,9 +25,9 @@ Shared rules:
 
 from __future__ import annotations
 
-from grounding.export.coco import export_coco
-from grounding.export.common import ExportStats
-from grounding.export.labelstudio import export_labelstudio
-from grounding.export.yolo import export_yolo
+from grounding.formats.coco import export_coco
+from grounding.formats.common import ExportStats
+from grounding.formats.labelstudio import export_labelstudio
+from grounding.formats.yolo import export_yolo
 
 __all__ = ["ExportStats", "export_coco", "export_labelstudio", "export_yolo"]

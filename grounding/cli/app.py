@@ -15,10 +15,10 @@ import typer
 
 from grounding import __version__
 from grounding.backends.local import DEFAULT_MODEL
-from grounding.classes import ClassMap
-from grounding.dialects import DIALECTS, get_dialect
-from grounding.errors import GroundingError
-from grounding.geometry import model_frame
+from grounding.core.classes import ClassMap
+from grounding.core.dialects import DIALECTS, get_dialect
+from grounding.core.errors import GroundingError
+from grounding.core.geometry import model_frame
 
 app = typer.Typer(
     name="grounding",
@@ -80,7 +80,7 @@ def parse(
     rescaled onto the original image and clipped to it. This is how to debug what a model
     actually said: `grounding parse answer.txt -d qwen2.5-vl --image-size 1024x1024`.
     """
-    from grounding.assemble import result_from_text
+    from grounding.core.assemble import result_from_text
 
     try:
         d = get_dialect(dialect)
@@ -207,7 +207,7 @@ def make_backend(kind: str, *, model: str | None, dialect: str | None, device: s
         if not sep or not name.strip():
             raise typer.BadParameter(f"expected 'Name: value', got {item!r}", param_hint="--header")
         headers[name.strip()] = value.strip()
-    from grounding.backends.remote import OpenAIBackend
+    from grounding.backends.remote.client import OpenAIBackend
 
     return OpenAIBackend(model, base_url=base_url, dialect=dialect, api_key_env=api_key_env,
                          api_key_header=api_key_header, headers=headers, endpoint=endpoint,
@@ -264,7 +264,7 @@ def _setup(options: dict, classes: str | None, ontology: Path | None, prompt: st
            *, max_new_tokens: int, json_schema: bool, need_classes: bool = False):
     """(backend, classes-or-ontology, ontology dict) from a command's options; exits 2 with
     one line on a bad option, a missing model or an unreachable server."""
-    from grounding.detector import load_ontology
+    from grounding.pipeline.detector import load_ontology
 
     if classes is not None and ontology is not None:
         raise typer.BadParameter("give --classes or --ontology, not both")
@@ -296,7 +296,7 @@ def _engine(options: dict, *, max_new_tokens: int, json_schema: bool):
 def _query(wanted, prompt: str | None, *, points: bool, system: str | None,
            references: list[Path] | None):
     """The Query of a command's options; exits 2 with one line on a bad reference image."""
-    from grounding.detector import Query
+    from grounding.pipeline.detector import Query
 
     try:
         return Query.make(wanted, prompt, points=points, system=system,
@@ -345,7 +345,7 @@ def detect(
     """
     from rich.progress import Progress
 
-    from grounding.detector import Detector
+    from grounding.pipeline.detector import Detector
 
     engine, wanted, _ = _setup(backend_options, classes, ontology, prompt,
                                max_new_tokens=max_new_tokens, json_schema=json_schema)
@@ -415,9 +415,9 @@ def ask(
     from rich.table import Table
     from rich.text import Text
 
-    from grounding.images import load_image
-    from grounding.qa import ask_with_answers, first_object, pick_record, read_records
-    from grounding.result import Result
+    from grounding.core.result import Result
+    from grounding.io.images import load_image
+    from grounding.pipeline.qa import ask_with_answers, first_object, pick_record, read_records
 
     if about not in ("each", "all"):
         raise typer.BadParameter("expected each or all", param_hint="--about")
@@ -521,9 +521,9 @@ def label(
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from grounding.detector import Detector
-    from grounding.labeling import label as run_label
-    from grounding.runs import RunDir, parse_shard
+    from grounding.pipeline.detector import Detector
+    from grounding.runs.labeling import label as run_label
+    from grounding.runs.rundir import RunDir, parse_shard
 
     formats = _formats(format)
     try:
@@ -573,8 +573,8 @@ def label(
 
 def _export(run_dirs: list[Path], fmt: str, out: Path, *, min_score: float | None,
             copy: bool, val_fraction: float, seed: int, overwrite: bool) -> None:
-    from grounding.export import export_coco, export_labelstudio, export_yolo
-    from grounding.runs import RunDir
+    from grounding.formats import export_coco, export_labelstudio, export_yolo
+    from grounding.runs.rundir import RunDir
 
     runs = [RunDir(p) for p in run_dirs]
     try:
@@ -649,8 +649,8 @@ def evaluate_cmd(
     Label a sample with each candidate prompt, model or pixel budget, evaluate each run
     against a small hand-labelled set, and keep the best before labelling everything.
     """
-    from grounding.evaluate import evaluate
-    from grounding.runs import RunDir
+    from grounding.formats.evaluate import evaluate
+    from grounding.runs.rundir import RunDir
 
     run = RunDir(run_dir)
     try:
@@ -687,7 +687,7 @@ def doctor(
     missing, an impossible --device, a missing model path, or a model not in the cache
     while HF_HUB_OFFLINE=1.
     """
-    from grounding.doctor import gather, render
+    from grounding.backends.doctor import gather, render
 
     report = gather(model, device)
     if as_json:

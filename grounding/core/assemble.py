@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from grounding.classes import ClassMap
-from grounding.dialects import Dialect, get_dialect
-from grounding.geometry import (
+from grounding.core.classes import ClassMap
+from grounding.core.dialects import Dialect, get_dialect
+from grounding.core.geometry import (
     Size,
     box_area,
     clip_box,
@@ -17,8 +17,8 @@ from grounding.geometry import (
     rescale_point,
     scale_factors,
 )
+from grounding.core.result import Box, Point, Result
 from grounding.parsing import ParsedOutput
-from grounding.result import Box, Point, Result
 
 
 def build_result(
@@ -37,7 +37,7 @@ def build_result(
 ) -> Result:
     """Rescale, clip, class-match and score. Without ``image_size`` coordinates stay in the
     model's frame (only corner order is normalised) and nothing is clipped. ``scores``
-    (one per parsed object, see grounding.confidence) below ``min_score`` drop the object
+    (one per parsed object, see grounding.core.confidence) below ``min_score`` drop the object
     (counted as ``low_score``); unscored objects are kept."""
     d = get_dialect(dialect)
     class_map = classes if isinstance(classes, ClassMap) or classes is None else ClassMap(classes)

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from grounding import __version__
-from grounding.detector import Detector, Query
-from grounding.runs import JsonlWriter, RunDir, find_images, in_shard, read_jsonl
+from grounding.pipeline.detector import Detector, Query
+from grounding.runs.rundir import JsonlWriter, RunDir, find_images, in_shard, read_jsonl
 
 
 @dataclass

@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import quote
 from xml.sax.saxutils import escape
 
-from grounding.export.common import (
+from grounding.formats.common import (
     ExportStats,
     check_class_names,
     iter_items,

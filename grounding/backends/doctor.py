@@ -23,7 +23,7 @@ from typing import Any, Literal
 from grounding import __version__
 from grounding.backends.local import DEFAULT_MODEL, looks_like_path
 from grounding.backends.placement import Machine, Placement, PlacementError, plan
-from grounding.dialects import Dialect, get_dialect, guess_dialect
+from grounding.core.dialects import Dialect, get_dialect, guess_dialect
 
 REQUIRED = ("torch", "transformers", "accelerate")
 """What the local backend imports; without any of them it cannot run."""

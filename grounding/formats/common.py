@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 
 from PIL import Image, ImageOps
 
-from grounding.images import _pil_limit_lock
+from grounding.io.images import _pil_limit_lock
 
 EXIF_ORIENTATION = 0x0112
 MAX_LISTED = 1000

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from grounding import __version__
-from grounding.export.common import (
+from grounding.formats.common import (
     ExportStats,
     check_class_names,
     iter_items,

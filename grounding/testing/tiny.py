@@ -496,7 +496,7 @@ class StaticBackend:
 
     def __init__(self, dialect: str = "qwen2.5-vl", *, label: str = "object",
                  delay: float = 0.0, fail_widths: frozenset[int] = frozenset()) -> None:
-        from grounding.dialects import get_dialect
+        from grounding.core.dialects import get_dialect
 
         self.dialect = get_dialect(dialect)
         self.model = f"static-{self.dialect.name}"
@@ -506,7 +506,7 @@ class StaticBackend:
         self.max_new_tokens = 64
 
     def frame(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        from grounding.geometry import model_frame, resolve_budget
+        from grounding.core.geometry import model_frame, resolve_budget
 
         low, high = resolve_budget(self.dialect)
         return model_frame(self.dialect, *image_size, min_pixels=low, max_pixels=high)

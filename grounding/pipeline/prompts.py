@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Literal
 
-from grounding.dialects import Dialect, get_dialect
+from grounding.core.dialects import Dialect, get_dialect
 
 Task = Literal["boxes", "points"]
 
