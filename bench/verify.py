@@ -29,8 +29,9 @@ from rich.table import Table
 
 from grounding import result_from_text
 from grounding.backends.local import LocalBackend
+from grounding.pipeline.crops import crop_with_context
 from grounding.pipeline.detector import Detector
-from grounding.pipeline.verify import crop_with_context, verify_many
+from grounding.pipeline.verify import verify_many
 
 
 def images(n: int, size: tuple[int, int], seed: int = 0) -> list[Image.Image]:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grounding.runs.rundir import read_jsonl
+from grounding.io.records import read_jsonl
 from grounding.testing.loopback import LoopbackServer, grounding_handler
 
 EXE = shutil.which("grounding")

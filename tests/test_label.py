@@ -15,17 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from grounding.io.records import read_jsonl, repair_jsonl
 from grounding.pipeline.detector import Detector, Query
 from grounding.runs.labeling import label
-from grounding.runs.rundir import (
-    RunConfigError,
-    RunDir,
-    find_images,
-    in_shard,
-    parse_shard,
-    read_jsonl,
-    repair_jsonl,
-)
+from grounding.runs.rundir import RunConfigError, RunDir, find_images, in_shard, parse_shard
 from grounding.testing import StaticBackend
 
 

@@ -16,6 +16,8 @@ from grounding.backends.local import LocalBackend
 from grounding.backends.remote.client import OpenAIBackend
 from grounding.cli.app import app
 from grounding.core.result import Box, Result
+from grounding.io.records import pick_record, read_records
+from grounding.pipeline.crops import crop_with_context
 from grounding.pipeline.qa import (
     all_prompt,
     answer_attributes,
@@ -23,10 +25,7 @@ from grounding.pipeline.qa import (
     ask_with_answers,
     first_object,
     numbered,
-    pick_record,
-    read_records,
 )
-from grounding.pipeline.verify import crop_with_context
 from grounding.testing import tiny_checkpoint
 from grounding.testing.loopback import LoopbackServer, Reply, completion, server_error
 

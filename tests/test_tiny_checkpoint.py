@@ -13,7 +13,6 @@ from PIL import Image
 from qwen_vl_utils import smart_resize
 from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-from grounding.testing import tiny as testing
 from grounding.testing import (
     FAMILIES,
     QWEN_SPECIAL_TOKENS,
@@ -21,6 +20,7 @@ from grounding.testing import (
     build_tiny_checkpoint,
     tiny_checkpoint,
 )
+from grounding.testing import tiny as testing
 
 # The real checkpoints' preprocessor limits (Qwen2.5-VL-7B-Instruct, Qwen3-VL-*-Instruct).
 REAL_LIMITS = {

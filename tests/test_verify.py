@@ -20,9 +20,9 @@ from grounding.backends.local import LocalBackend
 from grounding.backends.remote.client import OpenAIBackend
 from grounding.cli.app import app
 from grounding.core.result import Box, Result
+from grounding.pipeline.crops import crop_with_context
 from grounding.pipeline.detector import Detector
 from grounding.pipeline.verify import (
-    crop_with_context,
     verification_score,
     verify,
     verify_many,

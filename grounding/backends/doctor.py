@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from grounding import __version__
+from grounding._version import __version__
 from grounding.backends.local import DEFAULT_MODEL, looks_like_path
 from grounding.backends.placement import Machine, Placement, PlacementError, plan
 from grounding.core.dialects import Dialect, get_dialect, guess_dialect

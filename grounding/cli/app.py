@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from grounding import __version__
+from grounding._version import __version__
 from grounding.backends.local import DEFAULT_MODEL
 from grounding.core.classes import ClassMap
 from grounding.core.dialects import DIALECTS, get_dialect
@@ -417,7 +417,8 @@ def ask(
 
     from grounding.core.result import Result
     from grounding.io.images import load_image
-    from grounding.pipeline.qa import ask_with_answers, first_object, pick_record, read_records
+    from grounding.io.records import pick_record, read_records
+    from grounding.pipeline.qa import ask_with_answers, first_object
 
     if about not in ("each", "all"):
         raise typer.BadParameter("expected each or all", param_hint="--about")

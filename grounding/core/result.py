@@ -3,12 +3,35 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
+from grounding.core.errors import GroundingError
+
 Size = tuple[int, int]
+
+_VIEWS: dict[str, Callable[..., Any]] = {}
+
+
+def register_view(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Lend :class:`Result` a method from a higher layer (``annotate`` from
+    grounding.pipeline.overlay, ``ask`` from grounding.pipeline.qa) without the record type
+    importing it: the layers stay one-way. ``import grounding`` registers both."""
+    def register(function: Callable[..., Any]) -> Callable[..., Any]:
+        _VIEWS[name] = function
+        return function
+    return register
+
+
+def _view(name: str) -> Callable[..., Any]:
+    try:
+        return _VIEWS[name]
+    except KeyError:
+        raise GroundingError(f"Result.{name} is provided by grounding.pipeline; "
+                             "`import grounding` registers it") from None
 
 
 @dataclass
@@ -96,15 +119,29 @@ class Result:
         self._image = image
         return self
 
+    @property
+    def attached_image(self):
+        """The image given to :meth:`attach`, or None."""
+        return self._image
+
+    def copy(self) -> Result:
+        """A copy whose box lists, attribute dicts and counters can change freely (the
+        attached image and the generation are shared)."""
+        return replace(
+            self,
+            boxes=[replace(b, attributes=dict(b.attributes)) for b in self.boxes],
+            points=[replace(p, attributes=dict(p.attributes)) for p in self.points],
+            dropped=dict(self.dropped),
+            answers=[dict(a) for a in self.answers],
+        )
+
     def annotate(self, image=None):
         """The overlay as a PIL image: boxes, labels and points on ``image`` (or the
         attached one)."""
-        from grounding.pipeline.overlay import annotate
-
         image = image if image is not None else self._image
         if image is None:
             raise ValueError("no image attached: pass the image to annotate()")
-        return annotate(image, self)
+        return _view("annotate")(image, self)
 
     def _repr_png_(self) -> bytes | None:
         """Jupyter shows a result as its overlay."""
@@ -179,9 +216,7 @@ class Result:
         """Ask ``backend`` a question about each detection (``about="each"``: answers land
         in the boxes' attributes) or about the whole numbered set (``about="all"``: the
         answer is appended to ``answers``); returns the updated copy. See grounding.pipeline.qa."""
-        from grounding.pipeline.qa import ask
-
-        return ask(self, image, backend, question, about=about, **options)
+        return _view("ask")(self, image, backend, question, about=about, **options)
 
     def to_detections(self):
         """As ``supervision.Detections``; labels in ``data["class_name"]``.

@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
-from grounding import __version__
+from grounding._version import __version__
 from grounding.formats.common import (
     ExportStats,
     check_class_names,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -21,7 +20,7 @@ from typing import Any, NamedTuple
 
 from PIL import Image, ImageOps
 
-from grounding.io.images import _pil_limit_lock
+from grounding.io.images import open_header
 
 EXIF_ORIENTATION = 0x0112
 MAX_LISTED = 1000
@@ -134,18 +133,6 @@ def _relative(image: str, images_root: Path) -> str | None:
     return path.as_posix()
 
 
-def _open_header(path: Path) -> Image.Image:
-    """Open without PIL's pixel-count limit: only the header is read here, and the
-    labelling run already applied (and may have raised) grounding's own limit."""
-    with _pil_limit_lock, warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            return Image.open(path)
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
-
-
 def _orientation(image: Image.Image, path: Path) -> int:
     if image.format == "PNG" and "exif" not in image.info:
         # An eXIf chunk after the pixels: Pillow's getexif() would decode the whole image
@@ -200,7 +187,7 @@ def iter_items(records: Iterable[dict[str, Any]], images_root: Path,
             stats.skip(relative, f"no such file {source}", missing=True)
             continue
         try:
-            with _open_header(source) as im:
+            with open_header(source) as im:
                 w, h = im.size
                 orientation = _orientation(im, source)
         except (OSError, SyntaxError, ValueError) as exc:
@@ -291,7 +278,7 @@ def place_image(item: Item, dst: Path, *, copy: bool, stats: ExportStats) -> Non
 def write_upright(source: Path, dst: Path) -> None:
     """The displayed image, EXIF orientation removed (other EXIF kept), in the source's
     format; JPEG at quality 95, the least loss a re-encode allows at a sane size."""
-    with _open_header(source) as im:
+    with open_header(source) as im:
         fmt = "JPEG" if im.format in ("JPEG", "MPO") else im.format
         icc = im.info.get("icc_profile")
         upright = ImageOps.exif_transpose(im)

@@ -26,6 +26,18 @@ as a likely decompression bomb; pass ``max_image_pixels`` to allow more."""
 _pil_limit_lock = threading.Lock()
 
 
+def open_header(source: Path | bytes) -> Image.Image:
+    """Open a file or bytes reading only the header, without PIL's own pixel-count limit:
+    callers apply grounding's (``max_image_pixels``) before decoding any pixel."""
+    with _pil_limit_lock, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 def describe(source: ImageSource) -> str:
     """How an input is named in errors and records."""
     if isinstance(source, str | PathLike):
@@ -56,20 +68,13 @@ def load_image(source: ImageSource, *,
         path = Path(source)
         if not path.is_file():
             raise ImageLoadError(name, "no such file" if not path.exists() else "not a file")
-        opener = lambda: Image.open(path)  # noqa: E731
+        data: Path | bytes = path
     elif isinstance(source, bytes):
-        opener = lambda: Image.open(io.BytesIO(source))  # noqa: E731
+        data = source
     else:
         raise ImageLoadError(name, "expected a path, bytes, a PIL image or a numpy array")
     try:
-        with _pil_limit_lock, warnings.catch_warnings():
-            # grounding enforces its own limit below, after reading only the header.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-            try:
-                image = opener()
-            finally:
-                Image.MAX_IMAGE_PIXELS = saved
+        image = open_header(data)
         try:
             _check_size(image.size, max_image_pixels, name)
             image.load()

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from grounding.core.result import Result
+from grounding.core.result import Result, register_view
 
 
+@register_view("annotate")
 def annotate(image: Image.Image, result: Result) -> Image.Image:
     """Boxes, labels and points drawn on a copy of the (upright RGB) image."""
     import supervision as sv

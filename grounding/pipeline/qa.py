@@ -15,27 +15,18 @@ Points are not asked about (they have no region to show).
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 
 from grounding.backends.base import Backend, Generation, Request
-from grounding.core.errors import GroundingError
-from grounding.core.result import Result
+from grounding.core.result import Result, register_view
 from grounding.io.images import ImageSource
 from grounding.parsing import load_lenient
-from grounding.pipeline.verify import (
-    DEFAULT_CONTEXT,
-    DEFAULT_MIN_SIDE,
-    copy_result,
-    crop_with_context,
-    image_for,
-    run_requests,
-)
+from grounding.pipeline.crops import DEFAULT_CONTEXT, DEFAULT_MIN_SIDE, crop_with_context, image_for
+from grounding.pipeline.requests import run_requests
 
 log = logging.getLogger("grounding")
 
@@ -118,6 +109,7 @@ def _failure(out: Generation | Exception) -> str | None:
     return f"{type(out).__name__}: {out}" if isinstance(out, Exception) else None
 
 
+@register_view("ask")
 def ask(result: Result, image: ImageSource | None, backend: Backend, question: str, *,
         about: About = "each", batch_size: int | None = None, system: str | None = None,
         max_new_tokens: int | None = None, context: float = DEFAULT_CONTEXT,
@@ -149,7 +141,7 @@ def ask_with_answers(result: Result, image: ImageSource | None, backend: Backend
     if result.error:
         raise ValueError(f"the result is an error record: {result.error}")
     picture = image_for(result, image)
-    out = copy_result(result)
+    out = result.copy()
     if about == "all":
         request = Request(numbered(picture, out), all_prompt(question, len(out.boxes)), system,
                           task="text", max_new_tokens=max_new_tokens)
@@ -187,71 +179,3 @@ def ask_with_answers(result: Result, image: ImageSource | None, backend: Backend
 # ------------------------------------------------------------------------ record files
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a file: one JSON record (``grounding detect --out``), a JSON list of
-    them, or JSON lines (``grounding detect`` on stdout, a label run's predictions.jsonl)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise GroundingError(f"cannot read {path}: {exc}") from None
-    try:
-        whole = json.loads(text)
-    except ValueError:
-        whole = None
-    if isinstance(whole, dict):
-        return [whole]
-    if isinstance(whole, list):
-        records = [r for r in whole if isinstance(r, dict)]
-    else:
-        records = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                raise GroundingError(f"{path}:{number} is not a JSON record") from None
-            if isinstance(record, dict):
-                records.append(record)
-    if not records:
-        raise GroundingError(f"{path} holds no grounding record")
-    return records
-
-
-def pick_record(records: list[dict[str, Any]], image: str | Path,
-                source: str = "the file") -> dict[str, Any]:
-    """The record whose ``image`` is ``image``: the same path (as written or resolved),
-    else the one whose relative path ends ``image``'s path the furthest (label runs store
-    paths relative to their folder), else the only record there is."""
-    target = Path(image)
-    try:
-        resolved = target.resolve()
-    except OSError:
-        resolved = target.absolute()
-
-    def same(name: str) -> bool:
-        if name == str(image):
-            return True
-        try:
-            return Path(name).resolve() == resolved
-        except OSError:
-            return False
-
-    named = [r for r in records if isinstance(r.get("image"), str)]
-    exact = [r for r in named if same(r["image"])]
-    if len(exact) == 1:
-        return exact[0]
-    if not exact:
-        depth = {id(r): len(Path(r["image"]).parts) for r in named
-                 if not Path(r["image"]).is_absolute()
-                 and resolved.parts[-len(Path(r["image"]).parts):] == Path(r["image"]).parts}
-        if depth:
-            best = max(depth.values())
-            exact = [r for r in named if depth.get(id(r)) == best]
-            if len(exact) == 1:
-                return exact[0]
-    if len(records) == 1:
-        return records[0]
-    if exact:
-        raise GroundingError(f"{len(exact)} records in {source} are for {image}; keep one")
-    raise GroundingError(f"no record in {source} is for {image} ({len(records)} records)")

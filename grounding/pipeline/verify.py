@@ -20,16 +20,15 @@ keeps ``concurrency`` of them in flight) or in batches of ``batch_size`` (local 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Iterator, Sequence
 
-from PIL import Image
-
 from grounding.backends.base import Backend, Generation, Request
-from grounding.core.result import Box, Result
-from grounding.io.images import ImageSource, load_image, upright
+from grounding.core.result import Result
+from grounding.io.images import ImageSource
+from grounding.pipeline.crops import DEFAULT_CONTEXT, DEFAULT_MIN_SIDE, crop_with_context, image_for
+from grounding.pipeline.requests import run_requests
 
 log = logging.getLogger("grounding")
 
@@ -39,64 +38,8 @@ NO_WORDS: tuple[str, ...] = ("no",)
 """Answer words; a token matches when, stripped of spaces and case-folded, it is one of
 them (so "Yes", " yes", "YES" and "yes" all count for yes)."""
 
-DEFAULT_CONTEXT = 0.25
-DEFAULT_MIN_SIDE = 28
-"""One Qwen2/2.5-VL merge unit: a smaller crop is upscaled by the model frame anyway."""
-
 _DETERMINERS = frozenset({"a", "an", "the", "this", "that", "these", "those", "some", "any",
                           "my", "your", "his", "her", "its", "our", "their"})
-
-
-# ----------------------------------------------------------------------------- geometry
-
-
-def _span(lo: float, hi: float, context: float, min_side: int, limit: int) -> tuple[int, int]:
-    """One axis: grow by ``context`` of the length on each side, clip to [0, limit], cover
-    whole pixels, then widen to ``min_side`` around the middle, shifted inside the image."""
-    lo, hi = min(lo, hi), max(lo, hi)
-    grow = context * (hi - lo)
-    a = max(0, math.floor(lo - grow + 1e-9))
-    b = min(limit, math.ceil(hi + grow - 1e-9))
-    if b <= a:  # a degenerate box: at least the pixel it touches
-        a = min(max(0, math.floor(lo)), limit - 1)
-        b = a + 1
-    want = min(min_side, limit)
-    if b - a < want:
-        middle = (a + b) / 2
-        a = math.floor(middle - want / 2)
-        a = min(max(0, a), limit - want)
-        b = a + want
-    return a, b
-
-
-CropBox = tuple[int, int, int, int]
-
-
-def crop_with_context(image: Image.Image, box: Box | Sequence[float],
-                      context: float = DEFAULT_CONTEXT,
-                      min_side: int = DEFAULT_MIN_SIDE) -> tuple[Image.Image, CropBox]:
-    """The part of ``image`` around ``box`` and where it is: ``(crop, (x0, y0, x1, y1))``.
-
-    ``box`` is ``[x_min, y_min, x_max, y_max]`` in pixel-edge coordinates of the image as
-    displayed (a :class:`Box` or four numbers). It is grown by ``context`` times its width
-    (height) on the left and right (top and bottom), clipped to the image and widened to
-    whole pixels; a side shorter than ``min_side`` pixels is widened to it around the
-    box's middle (never beyond the image). The EXIF orientation of ``image`` is applied
-    first, so a photo opened with PIL directly is cut where the box is on screen.
-    """
-    if context < 0 or min_side < 1:
-        raise ValueError("context must be >= 0 and min_side >= 1")
-    bbox = box.bbox if isinstance(box, Box) else tuple(float(v) for v in box)
-    if len(bbox) != 4 or not all(math.isfinite(v) for v in bbox):
-        raise ValueError(f"expected a box [x_min, y_min, x_max, y_max], got {bbox!r}")
-    image = upright(image)
-    w, h = image.size
-    x0, x1 = _span(bbox[0], bbox[2], context, min_side, w)
-    y0, y1 = _span(bbox[1], bbox[3], context, min_side, h)
-    return image.crop((x0, y0, x1, y1)), (x0, y0, x1, y1)
-
-
-# -------------------------------------------------------------------- yes / no reading
 
 
 def verify_prompt(label: str | None) -> str:
@@ -159,52 +102,6 @@ def verification_score(generation: Generation, yes: Iterable[str] = YES_WORDS,
 # ------------------------------------------------------------------------- backend runs
 
 
-def run_requests(backend: Backend, requests: list[Request],
-                 batch_size: int | None = None) -> list[Generation | Exception]:
-    """One output per request, in order. A backend that streams (a server) gets them all as
-    one stream; otherwise they go to ``generate`` in batches of ``batch_size``, grouped by
-    model-frame size so a batch pads little."""
-    if not requests:
-        return []
-    stream = getattr(backend, "stream", None)
-    if stream is not None:
-        return list(stream(iter(requests)))
-    size = max(1, batch_size or getattr(backend, "preferred_batch", 8))
-    order = sorted(range(len(requests)), key=lambda i: backend.frame(requests[i].image.size))
-    out: list[Generation | Exception | None] = [None] * len(requests)
-    for start in range(0, len(order), size):
-        chunk = order[start : start + size]
-        for i, generation in zip(chunk, backend.generate([requests[i] for i in chunk]),
-                                 strict=True):
-            out[i] = generation
-    return out  # type: ignore[return-value]
-
-
-def image_for(result: Result, image: ImageSource | None) -> Image.Image:
-    """The upright RGB image of ``result``: ``image`` if given, else the one attached to
-    the result, else its ``image`` path; its size must be the result's."""
-    if image is None:
-        image = result._image
-    if image is None:
-        if not result.image:
-            raise ValueError("no image: pass the image the result was made from")
-        image = result.image
-    picture = load_image(image)
-    if result.image_size is not None and picture.size != result.image_size:
-        raise ValueError(f"image is {picture.width}x{picture.height} but the result is for "
-                         f"{result.width}x{result.height}")
-    return picture
-
-
-def copy_result(result: Result) -> Result:
-    """A copy whose box lists, attribute dicts and counters can change freely."""
-    return dataclasses.replace(
-        result,
-        boxes=[dataclasses.replace(b, attributes=dict(b.attributes)) for b in result.boxes],
-        points=[dataclasses.replace(p, attributes=dict(p.attributes)) for p in result.points],
-        dropped=dict(result.dropped),
-        answers=[dict(a) for a in result.answers],
-    )
 
 
 # ------------------------------------------------------------------------------- verify
@@ -223,7 +120,7 @@ def verify_many(results: Sequence[Result], images: Sequence[ImageSource | None] 
         images = [None] * len(results)
     if len(images) != len(results):
         raise ValueError("give one image per result")
-    out = [copy_result(r) for r in results]
+    out = [r.copy() for r in results]
     owners: list[tuple[int, int]] = []
     requests: list[Request] = []
     for i, (result, image) in enumerate(zip(out, images, strict=True)):

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from grounding import __version__
+from grounding._version import __version__
+from grounding.io.records import JsonlWriter, read_jsonl
 from grounding.pipeline.detector import Detector, Query
-from grounding.runs.rundir import JsonlWriter, RunDir, find_images, in_shard, read_jsonl
+from grounding.runs.rundir import RunDir, find_images, in_shard
 
 
 @dataclass

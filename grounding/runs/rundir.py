@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from grounding.core.errors import GroundingError
+from grounding.io.records import read_jsonl, repair_jsonl
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 
@@ -64,75 +65,6 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     if count < 1 or not 0 <= index < count:
         raise ValueError(f"--shard {text}: need 0 <= I < N")
     return index, count
-
-
-def repair_jsonl(path: Path) -> int:
-    """Cut a half-written last line (no newline: the writer was killed mid-write).
-    Returns the number of bytes removed."""
-    if not path.exists():
-        return 0
-    size = path.stat().st_size
-    if size == 0:
-        return 0
-    with path.open("rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
-            return 0
-        # Walk back to the last newline in blocks.
-        end = size
-        keep = 0
-        while end > 0:
-            start = max(0, end - 65536)
-            f.seek(start)
-            block = f.read(end - start)
-            cut = block.rfind(b"\n")
-            if cut >= 0:
-                keep = start + cut + 1
-                break
-            end = start
-        f.truncate(keep)
-        return size - keep
-
-
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Records of a JSON-lines file; a line that is not JSON is skipped (cannot happen
-    with grounding's writer, but a hand-edited file should not stop a run)."""
-    if not path.exists():
-        return
-    with path.open("r", encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                yield record
-
-
-class JsonlWriter:
-    """Appends one line per record with a single write + flush; fsync now and then."""
-
-    def __init__(self, path: Path, fsync_every: float = 5.0) -> None:
-        self.path = path
-        self._file = path.open("a", encoding="utf-8")
-        self._fsync_every = fsync_every
-        self._last_sync = time.monotonic()
-
-    def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
-        if time.monotonic() - self._last_sync > self._fsync_every:
-            os.fsync(self._file.fileno())
-            self._last_sync = time.monotonic()
-
-    def close(self) -> None:
-        if not self._file.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
 
 
 class RunDir:

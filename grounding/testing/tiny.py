@@ -469,7 +469,7 @@ def _cache_key(family: Family, seed: int) -> str:
     _spec(family)
     import transformers
 
-    from grounding import __version__
+    from grounding._version import __version__
 
     digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:10]
     return (f"tiny-{family}-seed{seed}-grounding{__version__}"

@@ -1,0 +1,27 @@
+"""Run a list of requests through any backend: streamed to a server, batched by frame
+size for a local model."""
+
+from __future__ import annotations
+
+from grounding.backends.base import Backend, Generation, Request
+
+
+def run_requests(backend: Backend, requests: list[Request],
+                 batch_size: int | None = None) -> list[Generation | Exception]:
+    """One output per request, in order. A backend that streams (a server) gets them all as
+    one stream; otherwise they go to ``generate`` in batches of ``batch_size``, grouped by
+    model-frame size so a batch pads little."""
+    if not requests:
+        return []
+    stream = getattr(backend, "stream", None)
+    if stream is not None:
+        return list(stream(iter(requests)))
+    size = max(1, batch_size or getattr(backend, "preferred_batch", 8))
+    order = sorted(range(len(requests)), key=lambda i: backend.frame(requests[i].image.size))
+    out: list[Generation | Exception | None] = [None] * len(requests)
+    for start in range(0, len(order), size):
+        chunk = order[start : start + size]
+        for i, generation in zip(chunk, backend.generate([requests[i] for i in chunk]),
+                                 strict=True):
+            out[i] = generation
+    return out  # type: ignore[return-value]
