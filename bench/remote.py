@@ -227,7 +227,7 @@ def encode_costs(console: Console, repeat: int = 5) -> None:
     base64, on the sample photos (the client's CPU per image beyond the HTTP)."""
     from pathlib import Path
 
-    from grounding.backends.remote.client import _encode
+    from grounding.backends.remote.codec import _encode
     from grounding.core.dialects import get_dialect
     from grounding.core.geometry import model_frame, resolve_budget
     from grounding.io.images import load_image

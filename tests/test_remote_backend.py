@@ -270,7 +270,7 @@ def test_references_go_before_the_image_and_boxes_come_from_the_last(dialect, te
 
 
 def test_references_are_encoded_once_per_run(monkeypatch):
-    import grounding.backends.remote.client as remote
+    import grounding.backends.remote.codec as remote
 
     calls = []
     encode = remote._encode
@@ -734,7 +734,7 @@ def test_loopback_red_box_and_lifetime():
 
 
 def test_503_retry_after_is_honoured_and_capped(monkeypatch):
-    import grounding.backends.remote.client as remote
+    import grounding.backends.remote.retry as remote
 
     monkeypatch.setattr(remote, "MAX_RETRY_AFTER", 0.3)
     busy = Reply(503, {"error": {"message": "busy"}}, headers={"Retry-After": "3600"})

@@ -6,246 +6,43 @@ often ignored). So the client sends an image that is already in the dialect's mo
 (upright, resized with the same rule under grounding's pixel budget): the server's own
 resize leaves such an image as it is, and boxes map back from the frame that was sent.
 Relative dialects (Qwen2-VL, Qwen3-VL, DeepSeek-VL2) are exact whatever the server does.
+
+This module is the backend itself: what it is asked, in what order, and when to try a
+request again. What goes over the wire is in codec.py, when a failure is worth a retry
+in retry.py, the input-order gate in gate.py, the event loop and HTTP pools in loop.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import concurrent.futures
-import contextlib
-import email.utils
-import io
 import json
 import logging
 import os
-import random
 import threading
 import time
 import weakref
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Coroutine, Iterable, Iterator
 from typing import Any
 
-from PIL import Image
-
-from grounding.backends.base import TOP_LOGPROBS, Generation, Request
+from grounding.backends.base import Generation, Request
+from grounding.backends.options import RemoteOptions
+from grounding.backends.remote.codec import ImageEncoder, chat_body, read_generation
+from grounding.backends.remote.gate import OrderedGate
+from grounding.backends.remote.loop import encoder_pool, new_loop, open_clients, shutdown
+from grounding.backends.remote.retry import (
+    RemoteError,
+    RetryPolicy,
+    describe_status,
+    provider_message,
+    retry_after,
+    retryable_status,
+)
 from grounding.core.dialects import Dialect, get_dialect, guess_dialect
-from grounding.core.errors import GroundingError
 from grounding.core.geometry import Size, model_frame, resolve_budget
 
 log = logging.getLogger("grounding")
-
-TRUNCATED_REASONS = frozenset({"length", "max_tokens", "max_length", "model_length"})
-"""finish_reason values meaning "cut off"; anything else ("stop", Qianfan's "normal",
-"eos", None) is a finished answer."""
-
-ENCODE_THREADS = 2
-"""Threads resizing and encoding images beside the event loop."""
-
-REFERENCE_CACHE = 16
-"""Reference images whose data URLs are kept (see OpenAIBackend._reference_url)."""
-
-CLIENT_CONNECTIONS = 8
-"""Requests in flight per HTTP client (see OpenAIBackend._client)."""
-
-JPEG_QUALITY = 95
-"""Quality of the JPEG the client sends (the default format): visually lossless, and the
-coordinates do not depend on it; ``image_format="png"`` sends the frame losslessly."""
-
-
-def _http_client(timeout: float) -> Any:
-    """The SDK over aiohttp (``openai[aiohttp]``) when installed, else None (its httpx): the
-    SDK's own transport costs about 60% more CPU per request (bench/remote.py)."""
-    import openai
-
-    try:
-        return openai.DefaultAioHttpClient(timeout=timeout)
-    except (AttributeError, RuntimeError):  # an older openai, or aiohttp not installed
-        return None
-
-
-def _encoder_pool() -> concurrent.futures.ThreadPoolExecutor:
-    """Few threads: the compressor runs beside the loop; more would contend for the GIL."""
-    return concurrent.futures.ThreadPoolExecutor(ENCODE_THREADS, "grounding-encode")
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    """uvloop when installed (``pip install uvloop``): the event loop is the client's serial
-    path, and uvloop's costs less CPU per request (bench/remote.py)."""
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
-
-
-def _shutdown(loop: asyncio.AbstractEventLoop, clients: list[Any]) -> None:
-    """Close ``clients`` on ``loop``, then stop it (an open aiohttp session warns when it
-    is collected)."""
-    if loop.is_closed() or not loop.is_running():  # nothing left that could close them
-        return
-
-    async def close_all() -> None:
-        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
-        clients.clear()
-
-    try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    if running is loop:  # collected on the loop's own thread: cannot wait for it here
-        loop.create_task(close_all()).add_done_callback(lambda _: loop.stop())
-        return
-    with contextlib.suppress(Exception):
-        asyncio.run_coroutine_threadsafe(close_all(), loop).result(timeout=10)
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(loop.stop)
-
-
-class RemoteError(GroundingError):
-    """A request failed for good; ``status`` is the HTTP status when there was one."""
-
-    def __init__(self, message: str, status: int | None = None, retryable: bool = False):
-        self.status = status
-        self.retryable = retryable
-        super().__init__(message)
-
-
-MAX_RETRY_AFTER = 120.0
-"""Longest Retry-After honoured (seconds): a server asking for an hour stalls no image."""
-
-_BUSY_WORDS = ("rate limit", "qps", "too many requests", "busy", "overload", "try again",
-               "temporarily")
-"""Words that make an error under HTTP 200 (Qianfan's error_code bodies) worth a retry."""
-
-_STATUS_HINTS = {
-    400: "bad request",
-    401: "authentication failed: check the API key (--api-key-env) and --api-key-header",
-    403: "access denied: check the API key and that it may use this model",
-    404: "not found: check --model, --base-url and --endpoint",
-    405: "method not allowed: check --base-url and --endpoint",
-    406: "not acceptable (Segmind answers this when the account has not enough credits)",
-    413: "request too large: lower --max-pixels",
-    422: "the server rejected the request body",
-    429: "rate limited",
-}
-
-
-def provider_message(body: Any) -> str | None:
-    """The human message inside an error body, whichever provider wrote it."""
-    if isinstance(body, (bytes, str)):
-        try:
-            body = json.loads(body)
-        except (ValueError, TypeError):
-            return None
-    if not isinstance(body, dict):
-        return None
-    error = body.get("error")
-    if isinstance(error, dict):  # OpenAI, vLLM, SGLang
-        message = error.get("message") or error.get("msg")
-        code = error.get("code") or error.get("type")
-        if message:
-            return f"{message} ({code})" if code and str(code) not in str(message) else message
-    if isinstance(error, str) and error:
-        return error
-    if body.get("error_code") not in (None, 0, "0", ""):  # Baidu Qianfan
-        return f"{body.get('error_msg') or 'error'} (error_code {body['error_code']})"
-    if body.get("code") and body.get("message"):  # DashScope
-        return f"{body['message']} ({body['code']})"
-    if body.get("object") == "error" and body.get("message"):  # older vLLM
-        return str(body["message"])
-    for key in ("message", "detail", "msg"):
-        if isinstance(body.get(key), str) and body[key]:
-            return body[key]
-    return None
-
-
-def _retry_after(headers: Any) -> float | None:
-    value = headers.get("retry-after") if headers is not None else None
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
-
-
-def _encode(image: Image.Image, frame: Size, image_format: str) -> str:
-    if image.size != frame:
-        image = image.resize(frame, Image.Resampling.BICUBIC)
-    buffer = io.BytesIO()
-    if image_format == "jpeg":
-        image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
-    else:
-        image.save(buffer, format="PNG", compress_level=1)
-    data = base64.b64encode(buffer.getvalue()).decode("ascii")
-    return f"data:image/{image_format};base64,{data}"
-
-
-def json_schema(task: str) -> dict[str, Any]:
-    """A response_format that makes a guided-decoding server (vLLM) write valid box JSON."""
-    key, n = ("point_2d", 2) if task == "points" else ("bbox_2d", 4)
-    item = {
-        "type": "object",
-        "properties": {
-            key: {"type": "array", "items": {"type": "number"}, "minItems": n, "maxItems": n},
-            "label": {"type": "string"},
-        },
-        "required": [key, "label"],
-    }
-    return {"type": "json_schema",
-            "json_schema": {"name": "grounding", "schema": {"type": "array", "items": item}}}
-
-
-class _OrderedGate:
-    """At most ``limit`` holders, admitted strictly in ticket order (tickets are handed
-    out in input order) whatever order the holders become ready in. Only the holder
-    whose turn comes is woken, so the cost per request does not grow with the queue."""
-
-    def __init__(self, limit: int) -> None:
-        self._slots = asyncio.Semaphore(limit)
-        self._issued = 0
-        self._next = 0
-        self._waiters: dict[int, asyncio.Future] = {}
-        self._skipped: set[int] = set()
-
-    def ticket(self) -> int:
-        self._issued += 1
-        return self._issued - 1
-
-    def _advance(self) -> None:
-        self._next += 1
-        while self._next in self._skipped:
-            self._skipped.discard(self._next)
-            self._next += 1
-        waiter = self._waiters.pop(self._next, None)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def skip(self, ticket: int) -> None:
-        if ticket == self._next:
-            self._advance()
-        else:
-            self._skipped.add(ticket)
-
-    @contextlib.asynccontextmanager
-    async def slot(self, ticket: int):
-        if ticket != self._next:
-            waiter = asyncio.get_running_loop().create_future()
-            self._waiters[ticket] = waiter
-            await waiter
-        await self._slots.acquire()
-        self._advance()
-        try:
-            yield
-        finally:
-            self._slots.release()
 
 
 class OpenAIBackend:
@@ -261,27 +58,27 @@ class OpenAIBackend:
 
     def __init__(
         self,
-        model: str | None = None,
+        model: str | None = RemoteOptions.model,
         *,
         base_url: str,
-        dialect: str | Dialect | None = None,
-        api_key_env: str | None = None,
-        api_key_header: str = "Authorization",
-        headers: dict[str, str] | None = None,
-        endpoint: str = "/chat/completions",
-        timeout: float = 120.0,
-        concurrency: int = 8,
-        max_retries: int = 5,
+        dialect: str | Dialect | None = RemoteOptions.dialect,
+        api_key_env: str | None = RemoteOptions.api_key_env,
+        api_key_header: str = RemoteOptions.api_key_header,
+        headers: dict[str, str] | None = RemoteOptions.headers,
+        endpoint: str = RemoteOptions.endpoint,
+        timeout: float = RemoteOptions.timeout,
+        concurrency: int = RemoteOptions.concurrency,
+        max_retries: int = RemoteOptions.max_retries,
         backoff: float = 0.5,
         max_backoff: float = 30.0,
-        min_pixels: int | None = None,
-        max_pixels: int | None = None,
-        max_new_tokens: int = 2048,
-        token_param: str = "max_tokens",
-        logprobs: bool = True,
-        json_schema: bool = False,
-        image_format: str = "jpeg",
-        text_first: bool = False,
+        min_pixels: int | None = RemoteOptions.min_pixels,
+        max_pixels: int | None = RemoteOptions.max_pixels,
+        max_new_tokens: int = RemoteOptions.max_new_tokens,
+        token_param: str = RemoteOptions.token_param,
+        logprobs: bool = RemoteOptions.logprobs,
+        json_schema: bool = RemoteOptions.json_schema,
+        image_format: str = RemoteOptions.image_format,
+        text_first: bool = RemoteOptions.text_first,
         extra_body: dict[str, Any] | None = None,
     ) -> None:
         import openai  # noqa: F401 - fail at construction, not at the first request
@@ -316,11 +113,10 @@ class OpenAIBackend:
         self.image_format = image_format
         self.text_first = text_first
         """Put the text before the images in the message (Qianfan's examples do)."""
-        self._references: OrderedDict[int, tuple[Image.Image, str]] = OrderedDict()
-        self._references_lock = threading.Lock()
+        self._images = ImageEncoder()
         self.extra_body = dict(extra_body or {})
         self._clients: dict[int, list[Any]] = {}
-        self._encoder = _encoder_pool()
+        self._encoder = encoder_pool()
         self._turn = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
@@ -359,11 +155,11 @@ class OpenAIBackend:
         clients by close() or, failing that, when the backend is collected."""
         with self._loop_lock:
             if self._loop is None:
-                loop = self._loop = _new_loop()
+                loop = self._loop = new_loop()
                 clients = self._clients[id(loop)] = []
                 threading.Thread(target=loop.run_forever, daemon=True,
                                  name="grounding-remote").start()
-                self._finalizer = weakref.finalize(self, _shutdown, loop, clients)
+                self._finalizer = weakref.finalize(self, shutdown, loop, clients)
             return self._loop
 
     def _run(self, coro: Coroutine) -> Any:
@@ -377,7 +173,7 @@ class OpenAIBackend:
         whole stream (no batch barriers); at most ``preferred_batch`` are queued ahead, so
         memory stays bounded however long ``requests`` is."""
         loop = self._event_loop()
-        gate = _OrderedGate(self.concurrency)
+        gate = OrderedGate(self.concurrency)
         pending: deque[concurrent.futures.Future] = deque()
         for request in requests:
             pending.append(asyncio.run_coroutine_threadsafe(self._gated(request, gate), loop))
@@ -396,7 +192,7 @@ class OpenAIBackend:
         self._clients.pop(id(loop), None)
         if self._finalizer is not None:
             self._finalizer()
-        old, self._encoder = self._encoder, _encoder_pool()  # threads start on first use
+        old, self._encoder = self._encoder, encoder_pool()  # threads start on first use
         old.shutdown(wait=False)
 
     async def aclose(self) -> None:
@@ -408,52 +204,27 @@ class OpenAIBackend:
     # -- async core ---------------------------------------------------------------------
 
     def _client(self) -> Any:
-        """An AsyncOpenAI client of the running event loop (pools are bound to a loop).
-
-        Requests rotate over one client per CLIENT_CONNECTIONS in flight: an HTTP pool
-        checks every one of its connections on each request, so several small pools cost
-        less CPU than one large one at high concurrency (measured with bench/remote.py)."""
-        import openai
-
+        """An AsyncOpenAI client of the running event loop; requests rotate over its pool
+        (loop.open_clients)."""
         clients = self._clients.setdefault(id(asyncio.get_running_loop()), [])
         if not clients:  # filled in place: the private loop's finalizer holds this list
-            count = max(1, -(-self.concurrency // CLIENT_CONNECTIONS))
-            clients.extend(
-                openai.AsyncOpenAI(base_url=self.base_url, api_key=self._key or "none",
-                                   default_headers=self._headers, timeout=self.timeout,
-                                   max_retries=0, http_client=_http_client(self.timeout))
-                for _ in range(count))
+            clients.extend(open_clients(self.concurrency, base_url=self.base_url,
+                                        api_key=self._key or "none", headers=self._headers,
+                                        timeout=self.timeout))
         self._turn += 1
         return clients[self._turn % len(clients)]
 
     async def agenerate(self, requests: list[Request]) -> list[Generation | Exception]:
-        gate = _OrderedGate(self.concurrency)
+        gate = OrderedGate(self.concurrency)
         return list(await asyncio.gather(*(self._gated(r, gate) for r in requests)))
 
     def _prepare(self, request: Request) -> tuple[Size, list[str], float]:
         """The target's frame and the data URLs of the references, then the target."""
         started = time.perf_counter()
-        urls = [self._reference_url(r) for r in request.references]
-        frame = self.frame(request.image.size)
-        urls.append(_encode(request.image, frame, self.image_format))
+        frame, urls = self._images.encode(request, self.frame, self.image_format)
         return frame, urls, time.perf_counter() - started
 
-    def _reference_url(self, image: Image.Image) -> str:
-        """A reference image's data URL, in its own frame; encoded once per run, since every
-        request of the run shows the same references."""
-        key = id(image)
-        with self._references_lock:  # held while encoding: the other thread waits, not redoes
-            hit = self._references.get(key)
-            if hit is not None and hit[0] is image:
-                self._references.move_to_end(key)
-                return hit[1]
-            url = _encode(image, self.frame(image.size), self.image_format)
-            self._references[key] = (image, url)  # the image is kept: its id stays its own
-            while len(self._references) > REFERENCE_CACHE:
-                self._references.popitem(last=False)
-        return url
-
-    async def _gated(self, request: Request, gate: _OrderedGate) -> Generation | Exception:
+    async def _gated(self, request: Request, gate: OrderedGate) -> Generation | Exception:
         """Encode (in a worker thread) before taking a slot, so that when a slot frees the
         next body is ready and a wave of answers does not wait on a queue of encodes.
         Slots are taken in input order: requests are sent in the order they came."""
@@ -500,25 +271,10 @@ class OpenAIBackend:
         return generation
 
     def _body(self, request: Request, image_urls: list[str]) -> dict[str, Any]:
-        messages: list[dict[str, Any]] = []
-        if request.system:
-            messages.append({"role": "system", "content": request.system})
-        parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": url}}
-                                       for url in image_urls]
-        text = {"type": "text", "text": request.prompt}
-        messages.append({"role": "user",
-                         "content": [text, *parts] if self.text_first else [*parts, text]})
-        body: dict[str, Any] = {"model": self.model, "messages": messages,
-                                self.token_param: request.max_new_tokens or self.max_new_tokens,
-                                "temperature": 0.0}
-        if self.logprobs:
-            body["logprobs"] = True
-            body["top_logprobs"] = TOP_LOGPROBS
-        if (self.json_schema and self.dialect.name in ("qwen2.5-vl", "qwen3-vl")
-                and request.task in ("boxes", "points")):  # not yes/no or free answers
-            body["response_format"] = json_schema(request.task)
-        body.update(self.extra_body)
-        return body
+        return chat_body(request, image_urls, model=self.model, dialect=self.dialect.name,
+                         max_new_tokens=self.max_new_tokens, token_param=self.token_param,
+                         logprobs=self.logprobs, schema=self.json_schema,
+                         text_first=self.text_first, extra_body=self.extra_body)
 
     def _options(self) -> dict[str, Any]:
         """Per-request options: without a bearer key the Authorization header is left out."""
@@ -529,18 +285,26 @@ class OpenAIBackend:
     async def _post(self, body: dict[str, Any], frame: Size) -> Generation:
         return await self._call(
             lambda c: c.post(self.endpoint, cast_to=str, body=body, options=self._options()),
-            f"POST {self.endpoint}", lambda text: self._generation(text, frame))
+            f"POST {self.endpoint}", lambda text: self._read(text, frame))
+
+    def _read(self, text: str, frame: Size) -> Generation:
+        try:
+            return read_generation(text, frame)
+        except RemoteError as exc:  # a provider's message may quote the request
+            raise RemoteError(self._scrub(str(exc)), exc.status, exc.retryable) from None
 
     async def _call(self, send, what: str, read=None):
-        """Send with retries: 429 and 503 (Retry-After honoured, up to MAX_RETRY_AFTER), other
-        5xx, connection errors, timeouts, and error bodies that say "rate limit" or "busy"
-        under HTTP 200 (Qianfan) back off exponentially with jitter; other 4xx fail at once.
-        ``read`` turns the answer's text into the result (and may raise RemoteError)."""
+        """Send with retries (retry.RetryPolicy): 429 and 503 (Retry-After honoured, up to
+        MAX_RETRY_AFTER), other 5xx, connection errors, timeouts, and error bodies that say
+        "rate limit" or "busy" under HTTP 200 (Qianfan) back off exponentially with jitter;
+        other 4xx fail at once. ``read`` turns the answer's text into the result (and may
+        raise RemoteError)."""
         import openai
 
+        policy = RetryPolicy(self.max_retries, self.backoff, self.max_backoff)
         attempt = 0
         while True:
-            wait: float | None = None
+            asked: float | None = None  # the wait the server asked for
             try:
                 text = await send(self._client())
                 return read(text) if read is not None else text
@@ -552,18 +316,15 @@ class OpenAIBackend:
                 error = self._status_error(exc, what)
                 if not error.retryable:
                     raise error from None
-                if exc.status_code in (429, 503):
-                    wait = _retry_after(exc.response.headers)
-                    wait = None if wait is None else min(wait, MAX_RETRY_AFTER)
+                asked = retry_after(exc.status_code, exc.response.headers)
             except (openai.APITimeoutError, openai.APIConnectionError) as exc:
                 kind = "timed out" if isinstance(exc, openai.APITimeoutError) else (
                     "connection failed")
                 error = RemoteError(f"{what} to {self.base_url} {kind}: {exc}", retryable=True)
-            if attempt >= self.max_retries:
+            wait = policy.delay(attempt, asked)
+            if wait is None:
                 raise RemoteError(self._scrub(f"{error} (gave up after {attempt + 1} attempts)"),
                                   error.status) from None
-            if wait is None:
-                wait = min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.5, 1)
             attempt += 1
             log.info("grounding: %s; retry %d/%d in %.2fs", error, attempt, self.max_retries, wait)
             await asyncio.sleep(wait)
@@ -574,46 +335,8 @@ class OpenAIBackend:
             detail = provider_message(exc.response.text)
         except Exception:  # a body that cannot be read says nothing more
             detail = None
-        hint = _STATUS_HINTS.get(status, "server error" if status >= 500 else "request failed")
-        message = f"{what} to {self.base_url} failed with HTTP {status}: {hint}"
-        if detail:
-            message += f": {detail}"
-        retryable = status == 429 or status >= 500 or status == 408
-        return RemoteError(self._scrub(message), status, retryable)
-
-    def _generation(self, text: str, frame: Size) -> Generation:
-        try:
-            data = json.loads(text)
-        except ValueError:
-            snippet = " ".join(text.split())[:120]
-            raise RemoteError(f"the server's answer is not JSON: {snippet!r}") from None
-        detail = provider_message(data) if isinstance(data, dict) else None
-        choices = data.get("choices") if isinstance(data, dict) else None
-        if not choices:
-            reason = detail or "no choices in the answer"
-            busy = detail is not None and any(w in detail.lower() for w in _BUSY_WORDS)
-            raise RemoteError(self._scrub(f"the server returned no answer: {reason}"),
-                              retryable=busy)
-        choice = choices[0]
-        message = choice.get("message") or {}
-        content = message.get("content")
-        if isinstance(content, list):  # some servers return content parts
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-        if not isinstance(content, str):
-            raise RemoteError("the server's answer has no text content")
-        tokens = logprobs = None
-        entries = (choice.get("logprobs") or {}).get("content") if isinstance(
-            choice.get("logprobs"), dict) else None
-        top = None
-        if entries:
-            tokens = [str(e.get("token", "")) for e in entries]
-            logprobs = [float(e.get("logprob", 0.0)) for e in entries]
-            top = [{str(t.get("token", "")): float(t.get("logprob", 0.0))
-                    for t in (e.get("top_logprobs") or []) if isinstance(t, dict)}
-                   for e in entries]
-        return Generation(text=content, input_size=frame,
-                          truncated=choice.get("finish_reason") in TRUNCATED_REASONS,
-                          tokens=tokens, token_logprobs=logprobs, top_logprobs=top)
+        message = f"{what} to {self.base_url} failed with {describe_status(status, detail)}"
+        return RemoteError(self._scrub(message), status, retryable_status(status))
 
     def _scrub(self, text: str) -> str:
         """Never let the API key into a message, a record or a log line."""
