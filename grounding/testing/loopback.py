@@ -1,8 +1,8 @@
 """A tiny OpenAI-compatible chat-completions server on 127.0.0.1, for tests, benchmarks and
 offline demos.
 
-It needs nothing beyond the standard library (and Pillow/numpy, which grounding already
-uses, to read the images it receives). Nothing leaves the machine, so it is the way to try
+It is an ``aiohttp.web`` application (aiohttp comes with ``openai[aiohttp]``; Pillow and
+numpy read the images it receives). Nothing leaves the machine, so it is the way to try
 the remote backend, its retries and its error messages without a GPU, a key or a network::
 
     from grounding.backends.remote.client import OpenAIBackend
@@ -13,9 +13,8 @@ the remote backend, its retries and its error messages without a GPU, a key or a
         backend = OpenAIBackend("loopback", base_url=server.base_url, dialect="qwen2.5-vl")
         print(Detector(backend).detect("photo.jpg", prompt="the red box"))
 
-The server runs an asyncio loop in a daemon thread (so it never keeps a process alive),
-speaks just enough HTTP/1.1 for an HTTP client (Content-Length and chunked bodies,
-keep-alive) and serves many requests at once: waiting is ``await asyncio.sleep``, so 64
+The server runs its own asyncio loop in a daemon thread (so it never keeps a process
+alive) and serves many requests at once: waiting is ``await asyncio.sleep``, so 64
 concurrent requests with a fixed latency cost it almost nothing.
 
 Routes:
@@ -58,10 +57,15 @@ import random
 import re
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from typing import Any
-from urllib.parse import urlsplit
+
+from aiohttp import web
+
+from grounding.testing.answers import answer_text
 
 __all__ = [
     "LoopbackRequest",
@@ -92,16 +96,7 @@ __all__ = [
 DEFAULT_PATH = "/v1/chat/completions"
 DEFAULT_MODELS = ("loopback-qwen2.5-vl",)
 FIXED_ANSWER = '```json\n[{"bbox_2d": [10, 20, 110, 120], "label": "object"}]\n```'
-MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 256 * 1024 * 1024
-
-_REASONS = {
-    200: "OK", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
-    405: "Method Not Allowed", 406: "Not Acceptable", 408: "Request Timeout",
-    413: "Payload Too Large", 422: "Unprocessable Entity", 429: "Too Many Requests",
-    500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
 
 
 # ------------------------------------------------------------------------------ requests
@@ -364,36 +359,6 @@ def red_box(image: Any) -> tuple[int, int, int, int] | None:
     return x0, y0, x1, y1
 
 
-def _num(value: float) -> str:
-    """Integers as integers, anything else with 3 decimals (a model writes integers; the
-    decimals keep a relative answer exact to a fraction of a pixel)."""
-    if float(value).is_integer():
-        return str(int(value))
-    return f"{value:.3f}".rstrip("0").rstrip(".")
-
-
-def answer_text(dialect: Any, box: Sequence[float] | None, label: str) -> str:
-    """``box`` (already in the dialect's coordinate frame) written in the dialect's syntax."""
-    from grounding.core.dialects import get_dialect
-
-    name = get_dialect(dialect).name
-    if box is None:
-        return {"qwen2.5-vl": "```json\n[]\n```", "qwen3-vl": "```json\n[]\n```"}.get(
-            name, "There is none in the image.")
-    x1, y1, x2, y2 = (_num(v) for v in box)
-    if name in ("qwen2.5-vl", "qwen3-vl"):
-        return (f'```json\n[\n\t{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}], '
-                f'"label": {json.dumps(label)}}}\n]\n```')
-    if name == "qwen2-vl":
-        return (f"<|object_ref_start|>{label}<|object_ref_end|>"
-                f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>")
-    if name == "qwen-vl":
-        return f"<ref>{label}</ref><box>({x1},{y1}),({x2},{y2})</box>"
-    if name == "deepseek-vl2":
-        return f"<|ref|>{label}<|/ref|><|det|>[[{x1}, {y1}, {x2}, {y2}]]<|/det|>"
-    raise ValueError(f"no answer syntax for dialect {name}")
-
-
 def grounding_handler(dialect: Any = "qwen2.5-vl", server_frame: tuple[int, int] | None = None,
                       *, label: str = "red box", finish_reason: str | None = "stop",
                       text: Callable[[str], str] | None = None) -> Handler:
@@ -463,8 +428,12 @@ def rate_limited(retry_after: float | str | None = 0.1,
 
 def server_error(status: int = 503, message: str | None = None) -> Reply:
     """A 5xx with an OpenAI-style error body."""
-    return openai_error(status, message or _REASONS.get(status, "Server error"),
-                        "server_error")
+    if message is None:
+        try:
+            message = HTTPStatus(status).phrase
+        except ValueError:
+            message = "Server error"
+    return openai_error(status, message, "server_error")
 
 
 def dropped() -> Reply:
@@ -542,10 +511,6 @@ def scripted(steps: Iterable[Any], then: Handler | None = None, *,
 # ------------------------------------------------------------------------------- server
 
 
-class _BadRequest(Exception):
-    pass
-
-
 class LoopbackServer:
     """An OpenAI-compatible chat-completions server on 127.0.0.1 in a daemon thread.
 
@@ -592,16 +557,16 @@ class LoopbackServer:
         self.max_in_flight = 0
         """Most ``path`` requests received and not yet answered, at any moment."""
         self.connections = 0
-        """TCP connections accepted."""
+        """TCP connections that carried a request."""
         self._count = 0
+        self._transports: weakref.WeakSet = weakref.WeakSet()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._server: asyncio.base_events.Server | None = None
+        self._stop: asyncio.Event | None = None
         self._tasks: set[asyncio.Task] = set()
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._semaphore: asyncio.Semaphore | None = None
-        self._stopped = False
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -623,8 +588,8 @@ class LoopbackServer:
     def start(self) -> LoopbackServer:
         if self._thread is not None:
             raise RuntimeError("the server is already started")
-        self._thread = threading.Thread(target=self._run, name="grounding-loopback",
-                                        daemon=True)
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()),
+                                        name="grounding-loopback", daemon=True)
         self._thread.start()
         self._ready.wait(10)
         if self._startup_error is not None:
@@ -635,13 +600,12 @@ class LoopbackServer:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Close the listening socket and every connection; idempotent."""
-        loop, thread = self._loop, self._thread
-        if loop is None or thread is None or self._stopped:
+        loop, thread, stop = self._loop, self._thread, self._stop
+        if loop is None or thread is None or stop is None:
             return
-        self._stopped = True
+        with contextlib.suppress(RuntimeError):  # the loop is closed: already stopped
+            loop.call_soon_threadsafe(stop.set)
         if thread is not threading.current_thread():
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                loop.call_soon_threadsafe(self._begin_shutdown)
             thread.join(timeout)
 
     def __enter__(self) -> LoopbackServer:
@@ -657,156 +621,58 @@ class LoopbackServer:
         self.calls = 0
         self.max_in_flight = self.in_flight
 
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        self._loop = loop
-        asyncio.set_event_loop(loop)
-        try:
-            loop.run_until_complete(self._open())
-        except BaseException as exc:  # reported to start()
-            self._startup_error = exc
-            self._ready.set()
-            loop.close()
-            return
-        self._ready.set()
-        if self.lifetime is not None:
-            loop.call_later(self.lifetime, self._begin_shutdown)
-        try:
-            loop.run_forever()
-        finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-    async def _open(self) -> None:
+    async def _serve(self) -> None:
+        """The server thread: listen, wait for stop() or ``lifetime``, close everything."""
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
         if self.capacity is not None:
             self._semaphore = asyncio.Semaphore(self.capacity)
-        self._server = await asyncio.start_server(self._connection, "127.0.0.1", self.port,
-                                                  backlog=1024, limit=MAX_HEADER_BYTES)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    def _begin_shutdown(self) -> None:
-        self._stopped = True
-        assert self._loop is not None
-        self._loop.create_task(self._shutdown())
-
-    async def _shutdown(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        tasks = [t for t in self._tasks if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._server.wait_closed(), 1.0)
-        assert self._loop is not None
-        self._loop.stop()
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app.router.add_route("*", "/{tail:.*}", self._http)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        try:
+            await runner.setup()
+            await web.TCPSite(runner, "127.0.0.1", self.port, backlog=1024).start()
+            self.port = runner.addresses[0][1]
+        except BaseException as exc:  # reported to start()
+            self._startup_error = exc
+            await runner.cleanup()
+            return
+        finally:
+            self._ready.set()
+        try:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.lifetime)
+        finally:
+            for task in self._tasks:  # requests still being served are not answered
+                task.cancel()
+            await runner.cleanup()  # closes the listening socket and every connection
 
     # ------------------------------------------------------------------------ HTTP
 
-    async def _connection(self, reader: asyncio.StreamReader,
-                          writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self.connections += 1
+    async def _http(self, http: web.Request) -> web.StreamResponse:
+        body = await http.read()
         try:
-            while True:
-                try:
-                    request, keep_alive = await self._read_request(reader)
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return  # the client went away between requests
-                except _BadRequest as exc:
-                    await self._write(writer, Reply(400, {"error": {"message": str(exc)}}),
-                                      keep_alive=False)
-                    return
-                if request is None:
-                    return
-                reply = await self._dispatch(request)
-                if reply.drop:
-                    writer.transport.abort()
-                    return
-                await self._write(writer, reply, keep_alive)
-                if not keep_alive:
-                    return
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            self._tasks.discard(task)
-            with contextlib.suppress(Exception):
-                writer.close()
-
-    async def _read_request(self, reader: asyncio.StreamReader
-                            ) -> tuple[LoopbackRequest | None, bool]:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as exc:
-            if exc.partial.strip():
-                raise _BadRequest("incomplete request head") from None
-            return None, False
-        except asyncio.LimitOverrunError:
-            raise _BadRequest("request head too large") from None
-        lines = head.decode("latin-1").split("\r\n")
-        try:
-            method, target, version = lines[0].split(" ", 2)
-        except ValueError:
-            raise _BadRequest(f"bad request line {lines[0]!r}") from None
+            parsed = json.loads(body) if body else None
+        except (ValueError, UnicodeDecodeError):
+            parsed = None
         headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if not line:
-                continue
-            name, sep, value = line.partition(":")
-            if not sep:
-                raise _BadRequest(f"bad header line {line!r}")
-            key = name.strip().lower()
-            value = value.strip()
+        for name, value in http.headers.items():
+            key = name.lower()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
-        if headers.get("transfer-encoding", "").lower().endswith("chunked"):
-            body = await self._read_chunked(reader)
-        else:
-            try:
-                length = int(headers.get("content-length", "0"))
-            except ValueError:
-                raise _BadRequest("bad Content-Length") from None
-            if length < 0 or length > MAX_BODY_BYTES:
-                raise _BadRequest("bad Content-Length")
-            body = await reader.readexactly(length) if length else b""
-        connection = headers.get("connection", "").lower()
-        keep_alive = ("close" not in connection if version.upper() == "HTTP/1.1"
-                      else "keep-alive" in connection)
-        parsed = None
-        if body:
-            try:
-                parsed = json.loads(body)
-            except (ValueError, UnicodeDecodeError):
-                parsed = None
-        index = self._count
+        request = LoopbackRequest(self._count, http.method, http.path, headers, body, parsed,
+                                  time.perf_counter())
         self._count += 1
-        request = LoopbackRequest(index, method.upper(), urlsplit(target).path or "/",
-                                  headers, body, parsed, time.perf_counter())
         if self.record:
             self.requests.append(request)
-        return request, keep_alive
-
-    @staticmethod
-    async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
-        chunks = []
-        total = 0
-        while True:
-            line = await reader.readuntil(b"\r\n")
-            try:
-                size = int(line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise _BadRequest("bad chunk size") from None
-            if size == 0:
-                while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
-                    pass
-                return b"".join(chunks)
-            total += size
-            if total > MAX_BODY_BYTES:
-                raise _BadRequest("body too large")
-            chunks.append(await reader.readexactly(size))
-            await reader.readexactly(2)
+        if http.transport is not None and http.transport not in self._transports:
+            self._transports.add(http.transport)
+            self.connections += 1
+        reply = await self._dispatch(request)
+        if reply.drop and http.transport is not None:
+            http.transport.abort()  # aiohttp then finds the connection gone and sends nothing
+        data, reply_headers = reply.encoded()
+        return web.Response(status=reply.status, body=data, headers=reply_headers)
 
     async def _dispatch(self, request: LoopbackRequest) -> Reply:
         if request.path == self.path:
@@ -822,6 +688,9 @@ class LoopbackServer:
                                      "type": "invalid_request_error", "code": "not_found"}})
 
     async def _complete(self, request: LoopbackRequest) -> Reply:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
         self.calls += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -832,6 +701,7 @@ class LoopbackServer:
             return await self._answer(request)
         finally:
             self.in_flight -= 1
+            self._tasks.discard(task)
 
     async def _answer(self, request: LoopbackRequest) -> Reply:
         if self.latency > 0:
@@ -847,16 +717,3 @@ class LoopbackServer:
         if reply.delay > 0:
             await asyncio.sleep(reply.delay)
         return reply
-
-    @staticmethod
-    async def _write(writer: asyncio.StreamWriter, reply: Reply, keep_alive: bool) -> None:
-        data, headers = reply.encoded()
-        lines = [f"HTTP/1.1 {reply.status} {_REASONS.get(reply.status, 'Status')}"]
-        names = {k.lower() for k in headers}
-        lines.extend(f"{k}: {v}" for k, v in headers.items())
-        if "content-length" not in names:
-            lines.append(f"Content-Length: {len(data)}")
-        if "connection" not in names:
-            lines.append(f"Connection: {'keep-alive' if keep_alive else 'close'}")
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data)
-        await writer.drain()
