@@ -7,7 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from grounding import ClassMap, Result, result_from_text
+from grounding import Box, ClassMap, Point, Result, result_from_text
+from grounding.core.errors import GroundingError
+from grounding.core.result import InvalidResult, score_at_least
 
 TEXT = """```json
 [
@@ -102,3 +104,126 @@ def test_exact_match_beats_fuzzy():
     classes = ClassMap(["cat", "cart"])
     assert classes.match("cart") == 1
     assert classes.match("cats") == 0
+
+
+# --- validation, filter, views -------------------------------------------------------------
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("bbox", [
+    (NAN, 0.0, 1.0, 1.0), (0.0, INF, 1.0, 1.0), (0.0, 0.0, -INF, 1.0), (0.0, 0.0, 1.0, NAN),
+    (5.0, 0.0, 1.0, 1.0), (0.0, 5.0, 1.0, 1.0), (0.0, 0.0, 1.0), (0.0, 0.0, 1.0, 1.0, 2.0),
+    None, ("a", 0, 1, 1)])
+def test_a_bad_box_is_refused_naming_it(bbox):
+    with pytest.raises(ValueError, match="box 'cat'") as caught:
+        Box(bbox, "cat")
+    assert isinstance(caught.value, InvalidResult) and isinstance(caught.value, GroundingError)
+
+
+@pytest.mark.parametrize("point", [(NAN, 1.0), (1.0, INF), (-INF, 0.0), (1.0,), None])
+def test_a_bad_point_is_refused_naming_it(point):
+    with pytest.raises(ValueError, match="point 'nose'"):
+        Point(point, "nose")
+
+
+def test_valid_boxes_and_points_are_stored_as_floats():
+    box = Box((1, 2, 1, 2), "dot")  # no area is still a box (x_min == x_max)
+    assert box.bbox == (1.0, 2.0, 1.0, 2.0) and all(type(v) is float for v in box.bbox)
+    assert Box([np.float32(1), 2, 3, 4]).bbox == (1.0, 2.0, 3.0, 4.0)
+    assert Point(np.array([3, 4])).point == (3.0, 4.0)
+
+
+def test_from_record_of_a_bad_record_names_the_image_and_the_entry():
+    record = make().to_record()
+    record["detections"][1]["bbox"] = [300, 100, 200, 300]  # x_min > x_max
+    with pytest.raises(ValueError, match=r"photos/a\.jpg: detections\[1\]: box 'dog'.*reversed"):
+        Result.from_record(record)
+    record = make().to_record()
+    text = json.dumps(record).replace("[80.0, 120.0]", "[NaN, 120.0]")  # json writes NaN
+    with pytest.raises(ValueError, match=r"photos/a\.jpg: points\[0\]: point 'cat'.*finite"):
+        Result.from_json(text)
+    record = make().to_record()
+    del record["detections"][2]["bbox"]
+    with pytest.raises(ValueError, match=r"detections\[2\]: no 'bbox'"):
+        Result.from_record(record)
+
+
+def test_non_finite_model_coordinates_count_as_invalid():
+    text = ('[{"bbox_2d": [NaN, 1, 20, 30], "label": "a"}, {"bbox_2d": [1e999, 1, 20, 30]},'
+            ' {"point_2d": [Infinity, 3]}, {"bbox_2d": [1, 2, 3, 4], "label": "ok"}]')
+    for size in (None, (100, 100)):
+        result = result_from_text(text, "qwen2.5-vl", image_size=size, input_size=(100, 100))
+        assert result.labels == ["ok"] and not result.points
+        assert result.dropped == {"invalid": 3}
+
+
+def test_filter_counts_what_it_removes_in_dropped_and_leaves_the_original():
+    result = make()  # boxes Cats (0), dog (1), giraffe (None); one point
+    result.dropped = {"no_area": 2}
+    kept = result.filter(keep_box=lambda b: b.class_id is not None,
+                         keep_point=lambda p: False, reason="no_area")
+    assert kept.labels == ["Cats", "dog"] and kept.points == []
+    assert kept.dropped == {"no_area": 4}  # added to the count already there
+    assert len(result.boxes) == 3 and len(result.points) == 1  # a copy: original as it was
+    assert result.dropped == {"no_area": 2}
+    kept.boxes[0].attributes["x"] = 1
+    assert "x" not in result.boxes[0].attributes
+    again = kept.filter(keep_box=lambda b: True, reason="unused")
+    assert again.dropped == {"no_area": 4} and again == kept  # nothing removed, no entry
+    assert kept.filter(reason="nothing").dropped == kept.dropped  # None keeps everything
+    with pytest.raises(ValueError, match="reason"):
+        kept.filter(keep_box=lambda b: False, reason="")
+
+
+def test_score_at_least_keeps_unscored_objects():
+    result = Result(boxes=[Box((0, 0, 1, 1), "a", score=0.2), Box((0, 0, 1, 1), "b"),
+                           Box((0, 0, 1, 1), "c", score=0.5),
+                           Box((0, 0, 1, 1), "d", attributes={"verify_score": 0.9})],
+                    points=[Point((0, 0), "p", score=0.1), Point((0, 0), "q", score=0.7)])
+    scored = score_at_least(0.5)
+    low = result.filter(scored, scored, reason="low_score")
+    assert low.labels == ["b", "c", "d"] and [p.label for p in low.points] == ["q"]
+    assert low.dropped == {"low_score": 2}
+    verified = score_at_least(0.5, lambda b: b.attributes.get("verify_score"))
+    assert result.filter(verified, reason="unverified").dropped == {}  # a..c have none
+    assert result.filter(score_at_least(None), score_at_least(None), reason="x") == result
+
+
+def test_views_equal_hand_computed_values():
+    result = Result(boxes=[Box((20, 10, 60, 50), "a"), Box((0, 0, 200, 100), "all")],
+                    points=[Point((50, 25), "p")], width=200, height=100)
+    np.testing.assert_array_equal(result.xyxy, [[20, 10, 60, 50], [0, 0, 200, 100]])
+    np.testing.assert_array_equal(result.xywh, [[20, 10, 40, 40], [0, 0, 200, 100]])  # COCO
+    np.testing.assert_allclose(result.xywhn, [[0.2, 0.3, 0.2, 0.4], [0.5, 0.5, 1, 1]])  # YOLO
+    np.testing.assert_allclose(result.xywh_percent, [[10, 10, 20, 40], [0, 0, 100, 100]])
+    np.testing.assert_array_equal(result.points_xy, [[50, 25]])
+    np.testing.assert_allclose(result.points_percent, [[25, 25]])
+    for view in ("xyxy", "xywh", "xywhn", "xywh_percent"):
+        assert getattr(result, view).dtype == np.float64
+        assert getattr(Result(width=1, height=1), view).shape == (0, 4)
+    assert Result(width=1, height=1).points_percent.shape == (0, 2)
+    unsized = Result(boxes=[Box((1, 2, 3, 4))])
+    np.testing.assert_array_equal(unsized.xywh, [[1, 2, 2, 2]])
+    with pytest.raises(ValueError, match="xywhn needs the image size"):
+        _ = unsized.xywhn
+
+
+def test_to_record_from_record_keeps_everything():
+    result = Result(
+        boxes=[Box((1.5, 2.0, 30.25, 40.0), "cat", 0, 0.75, {"color": "black", "n": [1, 2]},
+                   (3.0, 4.0, 60.5, 80.0)),
+               Box((0.0, 0.0, 0.0, 0.0), None, None, None, {}, None)],
+        points=[Point((5.0, 6.5), "nose", 1, 0.5, {"side": "left"}, (10.0, 13.0)),
+                Point((0.0, 0.0))],
+        image="photos/a b.jpg", width=64, height=48, model="Qwen/Qwen2.5-VL-7B-Instruct",
+        dialect="qwen2.5-vl", input_size=(128, 96), raw="```json\n[]\n```", truncated=True,
+        error=None, dropped={"no_area": 1, "low_score": 2},
+        answers=[{"question": "how many?", "answer": "two"}])
+    record = json.loads(result.to_json())
+    again = Result.from_record(record)
+    assert again == result
+    assert again.to_record() == result.to_record() == record
+    assert again.input_size == (128, 96) and isinstance(again.input_size, tuple)
+    failed = Result(image="x.jpg", error="model failed", dropped={})
+    assert Result.from_json(failed.to_json()) == failed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 
 from grounding.core.classes import ClassMap
@@ -17,7 +18,7 @@ from grounding.core.geometry import (
     rescale_point,
     scale_factors,
 )
-from grounding.core.result import Box, Point, Result
+from grounding.core.result import Box, Point, Result, score_at_least
 from grounding.parsing import ParsedOutput
 
 
@@ -38,43 +39,32 @@ def build_result(
     """Rescale, clip, class-match and score. Without ``image_size`` coordinates stay in the
     model's frame (only corner order is normalised) and nothing is clipped. ``scores``
     (one per parsed object, see grounding.core.confidence) below ``min_score`` drop the object
-    (counted as ``low_score``); unscored objects are kept."""
+    (counted as ``low_score``); unscored objects are kept. Objects whose coordinates are
+    not finite count as ``invalid``; with ``image_size``, boxes left without area by
+    clipping count as ``no_area`` and points off the image as ``outside``."""
     d = get_dialect(dialect)
     class_map = classes if isinstance(classes, ClassMap) or classes is None else ClassMap(classes)
-    dropped = {"no_area": 0, "outside": 0, "low_score": 0, "invalid": parsed.invalid}
     scores = list(scores) if scores is not None else [None] * len(parsed.objects)
     if image_size is not None:
         sx, sy = scale_factors(d, input_size, image_size)
+    invalid = parsed.invalid
     boxes: list[Box] = []
     points: list[Point] = []
     for obj, score in zip(parsed.objects, scores, strict=True):
-        if min_score is not None and score is not None and score < min_score:
-            dropped["low_score"] += 1
+        if not all(map(math.isfinite, obj.coords)):
+            invalid += 1  # json reads NaN, Infinity and 1e999; no Box can hold them
             continue
         class_id = class_map.match(obj.label) if class_map is not None else None
         if obj.kind == "box":
-            if image_size is None:
-                bbox = order_box(obj.coords)
-            else:
-                bbox = clip_box(rescale_box(obj.coords, sx, sy), image_size)
-                if box_area(bbox) <= 0.0:
-                    dropped["no_area"] += 1
-                    continue
+            bbox = (order_box(obj.coords) if image_size is None
+                    else clip_box(rescale_box(obj.coords, sx, sy), image_size))
             boxes.append(Box(bbox, obj.label, class_id, score, dict(obj.attributes), obj.coords))
         else:
-            if image_size is None:
-                xy = (obj.coords[0], obj.coords[1])
-            else:
-                xy = rescale_point(obj.coords, sx, sy)
-                # x * (W / w') overshoots W by a rounding error for some W, w' when the
-                # model writes x = w': that point is on the edge, not outside.
-                if not point_inside(xy, image_size, tolerance=1e-6):
-                    dropped["outside"] += 1
-                    continue
-                xy = clip_point(xy, image_size)
+            xy = ((obj.coords[0], obj.coords[1]) if image_size is None
+                  else clip_point(rescale_point(obj.coords, sx, sy), image_size))
             points.append(Point(xy, obj.label, class_id, score, dict(obj.attributes),
                                 obj.coords))
-    return Result(
+    result = Result(
         boxes=boxes,
         points=points,
         image=image,
@@ -85,8 +75,22 @@ def build_result(
         input_size=input_size,
         raw=raw,
         truncated=truncated or parsed.truncated,
-        dropped={k: v for k, v in dropped.items() if v},
+        dropped={"invalid": invalid} if invalid else {},
     )
+    scored = score_at_least(min_score)
+    result = result.filter(scored, scored, reason="low_score")
+    if image_size is None:
+        return result
+
+    def inside(point: Point) -> bool:
+        # Before clipping. x * (W / w') overshoots W by a rounding error for some W, w'
+        # when the model writes x = w': that point is on the edge, not outside.
+        assert point.model_point is not None
+        xy = rescale_point(point.model_point, sx, sy)
+        return point_inside(xy, image_size, tolerance=1e-6)
+
+    result = result.filter(keep_box=lambda b: box_area(b.bbox) > 0.0, reason="no_area")
+    return result.filter(keep_point=inside, reason="outside")
 
 
 def result_from_text(

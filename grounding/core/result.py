@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -34,8 +36,28 @@ def _view(name: str) -> Callable[..., Any]:
                              "`import grounding` registers it") from None
 
 
+class InvalidResult(GroundingError, ValueError):
+    """A box, point or record that cannot be part of a :class:`Result`; the message names
+    the object (its label and coordinates, and in a record its place)."""
+
+
+def _coords(kind: str, label: str | None, values: Any, n: int) -> tuple[float, ...]:
+    """``values`` as ``n`` finite floats, or :class:`InvalidResult` naming the object."""
+    try:
+        coords = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        coords = ()
+    if len(coords) != n or not all(map(math.isfinite, coords)):
+        raise InvalidResult(f"{kind} {label!r}: {values!r} is not {n} finite numbers")
+    return coords
+
+
 @dataclass
 class Box:
+    """One box. Checked when made (also by :meth:`Result.copy`, :meth:`Result.filter` and
+    :meth:`Result.from_record`): 4 finite numbers with x_min <= x_max and y_min <= y_max,
+    stored as floats; anything else raises :class:`InvalidResult` (a ValueError)."""
+
     bbox: tuple[float, float, float, float]
     """x_min, y_min, x_max, y_max in pixels of the displayed original image."""
     label: str | None = None
@@ -43,7 +65,15 @@ class Box:
     score: float | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
     model_bbox: tuple[float, ...] | None = None
-    """The coordinates exactly as the model wrote them, in its own frame, for debugging."""
+    """The coordinates exactly as the model wrote them, in its own frame, for debugging
+    (not checked: any corner order, as written)."""
+
+    def __post_init__(self) -> None:
+        x1, y1, x2, y2 = _coords("box", self.label, self.bbox, 4)
+        if x1 > x2 or y1 > y2:
+            raise InvalidResult(f"box {self.label!r}: {self.bbox!r} is reversed; a bbox is "
+                                "x_min, y_min, x_max, y_max with min <= max")
+        self.bbox = (x1, y1, x2, y2)
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "class_id": self.class_id, "bbox": list(self.bbox),
@@ -53,19 +83,25 @@ class Box:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Box:
         mb = d.get("model_bbox")
-        return cls(tuple(float(v) for v in d["bbox"]), d.get("label"), d.get("class_id"),
+        return cls(d["bbox"], d.get("label"), d.get("class_id"),
                    d.get("score"), dict(d.get("attributes") or {}),
                    None if mb is None else tuple(float(v) for v in mb))
 
 
 @dataclass
 class Point:
+    """One point: 2 finite numbers (x, y), stored as floats, or :class:`InvalidResult`."""
+
     point: tuple[float, float]
     label: str | None = None
     class_id: int | None = None
     score: float | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
     model_point: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        x, y = _coords("point", self.label, self.point, 2)
+        self.point = (x, y)
 
     def to_dict(self) -> dict[str, Any]:
         return {"label": self.label, "class_id": self.class_id, "point": list(self.point),
@@ -75,9 +111,40 @@ class Point:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Point:
         mp = d.get("model_point")
-        return cls(tuple(float(v) for v in d["point"]), d.get("label"), d.get("class_id"),
+        return cls(d["point"], d.get("label"), d.get("class_id"),
                    d.get("score"), dict(d.get("attributes") or {}),
                    None if mp is None else tuple(float(v) for v in mp))
+
+
+def _entries(record: dict[str, Any], key: str, make: Callable[[Any], Any]) -> list[Any]:
+    """``record[key]`` made into Boxes or Points; a bad entry raises naming its place."""
+    made = []
+    for i, entry in enumerate(record.get(key) or []):
+        try:
+            made.append(make(entry))
+        except InvalidResult as exc:
+            raise InvalidResult(f"{record.get('image')}: {key}[{i}]: {exc}") from None
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            what = f"no {exc.args[0]!r}" if isinstance(exc, KeyError) else str(exc)
+            raise InvalidResult(f"{record.get('image')}: {key}[{i}]: {what} in {entry!r}"
+                                ) from None
+    return made
+
+
+def score_at_least(threshold: float | None,
+                   score: Callable[[Any], float | None] = attrgetter("score")
+                   ) -> Callable[[Any], bool]:
+    """A keep-predicate for :meth:`Result.filter`: true for a box or point whose ``score``
+    (the detection score, or any other reader such as ``attributes["verify_score"]``) is
+    at least ``threshold``, and for every unscored one (None: most VLM boxes carry no
+    score, and a score that could not be read is no reason to drop); ``threshold`` None
+    keeps everything. ``--min-score``, ``--verify`` and the exporters all use it."""
+    def keep(obj: Any) -> bool:
+        if threshold is None:
+            return True
+        value = score(obj)
+        return value is None or float(value) >= threshold
+    return keep
 
 
 @dataclass
@@ -104,7 +171,8 @@ class Result:
     dropped: dict[str, int] = field(default_factory=dict)
     """Objects read but not kept, by reason: ``no_area`` (box empty after clipping),
     ``outside`` (point off the image), ``invalid`` (unusable coordinates), ``low_score``
-    (below ``--min-score``), ``unverified`` (``--verify`` doubted them)."""
+    (below ``--min-score``), ``unverified`` (``--verify`` doubted them); :meth:`filter`
+    is what counts them."""
     answers: list[dict[str, Any]] = field(default_factory=list)
     """Questions asked about the whole set of detections and the model's answers:
     ``[{"question": ..., "answer": ...}]`` (grounding.pipeline.qa); in the record only when any."""
@@ -127,13 +195,38 @@ class Result:
     def copy(self) -> Result:
         """A copy whose box lists, attribute dicts and counters can change freely (the
         attached image and the generation are shared)."""
+        return self._copy(self.boxes, self.points, self.dropped)
+
+    def _copy(self, boxes: Sequence[Box], points: Sequence[Point],
+              dropped: dict[str, int]) -> Result:
         return replace(
             self,
-            boxes=[replace(b, attributes=dict(b.attributes)) for b in self.boxes],
-            points=[replace(p, attributes=dict(p.attributes)) for p in self.points],
-            dropped=dict(self.dropped),
+            boxes=[replace(b, attributes=dict(b.attributes)) for b in boxes],
+            points=[replace(p, attributes=dict(p.attributes)) for p in points],
+            dropped=dict(dropped),
             answers=[dict(a) for a in self.answers],
         )
+
+    def filter(self, keep_box: Callable[[Box], bool] | None = None,
+               keep_point: Callable[[Point], bool] | None = None, *, reason: str) -> Result:
+        """Drop and count, the one way grounding removes objects: a copy (as :meth:`copy`;
+        this result is left as it is) holding the boxes for which ``keep_box`` is true and
+        the points for which ``keep_point`` is true (None keeps them all), in order, with
+        the number removed added to ``dropped[reason]`` (no entry when none was)::
+
+            result.filter(keep_box=lambda b: b.label == "cat", reason="not_a_cat")
+            result.filter(score_at_least(0.3), score_at_least(0.3), reason="low_score")
+        """
+        if not reason:
+            raise ValueError("filter needs a reason: the key its count goes under in dropped")
+        boxes = self.boxes if keep_box is None else [b for b in self.boxes if keep_box(b)]
+        points = self.points if keep_point is None else [p for p in self.points
+                                                          if keep_point(p)]
+        removed = len(self.boxes) - len(boxes) + len(self.points) - len(points)
+        dropped = dict(self.dropped)
+        if removed:
+            dropped[reason] = dropped.get(reason, 0) + removed
+        return self._copy(boxes, points, dropped)
 
     def annotate(self, image=None):
         """The overlay as a PIL image: boxes, labels and points on ``image`` (or the
@@ -164,9 +257,52 @@ class Result:
     def labels(self) -> list[str | None]:
         return [b.label for b in self.boxes]
 
+    # Box and point views, one row per box / point in order, float64; every exporter
+    # writes from these (ultralytics' Results.boxes.xyxy / xywh / xywhn).
+
     @property
     def xyxy(self) -> np.ndarray:
+        """(n, 4) x_min, y_min, x_max, y_max in pixels (supervision, torchvision)."""
         return np.array([b.bbox for b in self.boxes], dtype=np.float64).reshape(-1, 4)
+
+    @property
+    def xywh(self) -> np.ndarray:
+        """(n, 4) x_min, y_min, width, height in pixels: COCO's ``bbox``."""
+        xyxy = self.xyxy
+        return np.concatenate([xyxy[:, :2], xyxy[:, 2:] - xyxy[:, :2]], axis=1)
+
+    @property
+    def xywhn(self) -> np.ndarray:
+        """(n, 4) centre x, centre y, width, height as fractions of the image size: a
+        YOLO label row. Needs ``width``/``height``."""
+        xyxy = self.xyxy
+        centre = (xyxy[:, :2] + xyxy[:, 2:]) / 2
+        return np.concatenate([centre, xyxy[:, 2:] - xyxy[:, :2]], axis=1) / self._size(
+            "xywhn", 4)
+
+    @property
+    def xywh_percent(self) -> np.ndarray:
+        """(n, 4) x_min, y_min, width, height in percent of the image size: Label Studio's
+        rectangle. Needs ``width``/``height``."""
+        return 100 * self.xywh / self._size("xywh_percent", 4)
+
+    @property
+    def points_xy(self) -> np.ndarray:
+        """(m, 2) x, y of the points in pixels."""
+        return np.array([p.point for p in self.points], dtype=np.float64).reshape(-1, 2)
+
+    @property
+    def points_percent(self) -> np.ndarray:
+        """(m, 2) x, y of the points in percent of the image size: Label Studio's keypoint.
+        Needs ``width``/``height``."""
+        return 100 * self.points_xy / self._size("points_percent", 2)
+
+    def _size(self, view: str, n: int) -> np.ndarray:
+        """width, height repeated to ``n`` columns, to divide a view by."""
+        if self.width is None or self.height is None:
+            raise ValueError(f"Result.{view} needs the image size; this result has none "
+                             "(its coordinates are in the model's frame)")
+        return np.array([self.width, self.height] * (n // 2), dtype=np.float64)
 
     def to_record(self) -> dict[str, Any]:
         """The JSON record every grounding command reads and writes."""
@@ -190,10 +326,12 @@ class Result:
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Result:
+        """The Result a record holds; :class:`InvalidResult` (a ValueError) names the image
+        and the entry when a box or point is malformed (missing, not finite, reversed)."""
         size = record.get("input_size")
         return cls(
-            boxes=[Box.from_dict(d) for d in record.get("detections") or []],
-            points=[Point.from_dict(p) for p in record.get("points") or []],
+            boxes=_entries(record, "detections", Box.from_dict),
+            points=_entries(record, "points", Point.from_dict),
             image=record.get("image"),
             width=record.get("width"),
             height=record.get("height"),

@@ -10,16 +10,16 @@ reported instead of silently overwriting an image with another's labels.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any, NamedTuple
+from typing import Any
 
 from PIL import Image, ImageOps
 
+from grounding.core.result import Box, Point, Result, score_at_least
 from grounding.io.images import open_header
 
 EXIF_ORIENTATION = 0x0112
@@ -63,22 +63,6 @@ class ExportStats:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class ExportBox(NamedTuple):
-    class_id: int
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    score: float | None
-
-
-class ExportPoint(NamedTuple):
-    class_id: int
-    x: float
-    y: float
-    score: float | None
 
 
 @dataclass(frozen=True)
@@ -203,11 +187,6 @@ def iter_items(records: Iterable[dict[str, Any]], images_root: Path,
         yield Item(record, relative, source, width, height, orientation)
 
 
-def _kept(score: Any, min_score: float | None) -> bool:
-    """Score None means the model gave none (VLM boxes are unscored): kept, as 1.0."""
-    return min_score is None or (1.0 if score is None else float(score)) >= min_score
-
-
 def _class_id(value: Any, n_classes: int, image: str) -> int | None:
     if value is None:
         return None
@@ -218,43 +197,38 @@ def _class_id(value: Any, n_classes: int, image: str) -> int | None:
     return class_id
 
 
-def select_boxes(item: Item, n_classes: int, min_score: float | None,
-                 stats: ExportStats) -> list[ExportBox]:
-    """The item's boxes that go out, counted; boxes without a class or below
-    ``min_score`` are counted and dropped."""
-    kept: list[ExportBox] = []
-    for det in item.record.get("detections") or []:
-        class_id = _class_id(det.get("class_id"), n_classes, item.relative)
-        if class_id is None:
-            stats.boxes_without_class += 1
-            continue
-        score = det.get("score")
-        if not _kept(score, min_score):
-            stats.boxes_below_min_score += 1
-            continue
-        x1, y1, x2, y2 = (float(v) for v in det["bbox"])
-        if not all(map(math.isfinite, (x1, y1, x2, y2))):
-            raise ValueError(f"{item.relative}: box {det['bbox']} is not finite")
-        kept.append(ExportBox(class_id, x1, y1, x2, y2, None if score is None else float(score)))
-    stats.boxes += len(kept)
-    return kept
+def _has_class(obj: Box | Point) -> bool:
+    return obj.class_id is not None
 
 
-def select_points(item: Item, n_classes: int, min_score: float | None,
-                  stats: ExportStats) -> list[ExportPoint]:
-    kept: list[ExportPoint] = []
-    for pt in item.record.get("points") or []:
-        class_id = _class_id(pt.get("class_id"), n_classes, item.relative)
-        if class_id is None:
-            stats.points_without_class += 1
-            continue
-        score = pt.get("score")
-        if not _kept(score, min_score):
-            stats.points_below_min_score += 1
-            continue
-        x, y = (float(v) for v in pt["point"])
-        kept.append(ExportPoint(class_id, x, y, None if score is None else float(score)))
-    stats.points += len(kept)
+def _no_point(point: Point) -> bool:
+    return False
+
+
+def select(item: Item, n_classes: int, min_score: float | None, stats: ExportStats, *,
+           points: bool = True) -> Result:
+    """The item's record as a :class:`Result` holding what goes out, each removal made by
+    :meth:`Result.filter` and counted in ``stats``: all points when the format holds none
+    (``points=False``), then boxes and points without a class, then those scored below
+    ``min_score`` (unscored ones stay, see :func:`score_at_least`). Class ids become ints
+    and scores floats. Raises ValueError for a malformed box or point (not finite,
+    reversed) or a class_id outside the class list."""
+    result = Result.from_record(item.record)
+    if not points:
+        stats.points_not_supported += len(result.points)
+        result = result.filter(keep_point=_no_point, reason="not_supported")
+    for obj in (*result.boxes, *result.points):
+        obj.class_id = _class_id(obj.class_id, n_classes, item.relative)
+        obj.score = None if obj.score is None else float(obj.score)
+    classed = result.filter(_has_class, _has_class, reason="without_class")
+    scored = score_at_least(min_score)
+    kept = classed.filter(scored, scored, reason="low_score")
+    stats.boxes_without_class += len(result.boxes) - len(classed.boxes)
+    stats.points_without_class += len(result.points) - len(classed.points)
+    stats.boxes_below_min_score += len(classed.boxes) - len(kept.boxes)
+    stats.points_below_min_score += len(classed.points) - len(kept.points)
+    stats.boxes += len(kept.boxes)
+    stats.points += len(kept.points)
     return kept
 
 

@@ -33,8 +33,7 @@ from grounding.formats.common import (
     ExportStats,
     check_class_names,
     iter_items,
-    select_boxes,
-    select_points,
+    select,
 )
 
 IMAGE_TAG, RECT_TAG, POINT_TAG = "image", "label", "keypoint"
@@ -55,18 +54,18 @@ def export_labelstudio(records: Iterable[dict[str, Any]], images_root: Path,
     with partial.open("w", encoding="utf-8") as f:
         f.write("[")
         for item in iter_items(records, images_root, stats):
-            boxes = select_boxes(item, len(names), min_score, stats)
-            points = select_points(item, len(names), min_score, stats)
+            kept = select(item, len(names), min_score, stats)
             w, h, n = item.width, item.height, stats.images
             result: list[dict[str, Any]] = []
-            for i, b in enumerate(boxes):
-                value = {"x": 100 * b.x1 / w, "y": 100 * b.y1 / h,
-                         "width": 100 * (b.x2 - b.x1) / w, "height": 100 * (b.y2 - b.y1) / h,
+            rects = zip(kept.boxes, kept.xywh_percent.tolist(), strict=True)
+            for i, (b, (x, y, bw, bh)) in enumerate(rects):
+                value = {"x": x, "y": y, "width": bw, "height": bh,
                          "rotation": 0, "rectanglelabels": [names[b.class_id]]}
                 result.append(_result(f"{n}-b{i}", "rectanglelabels", RECT_TAG, w, h, value,
                                       b.score))
-            for i, p in enumerate(points):
-                value = {"x": 100 * p.x / w, "y": 100 * p.y / h, "width": POINT_WIDTH,
+            keys = zip(kept.points, kept.points_percent.tolist(), strict=True)
+            for i, (p, (x, y)) in enumerate(keys):
+                value = {"x": x, "y": y, "width": POINT_WIDTH,
                          "keypointlabels": [names[p.class_id]]}
                 result.append(_result(f"{n}-p{i}", "keypointlabels", POINT_TAG, w, h, value,
                                       p.score))

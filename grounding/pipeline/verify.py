@@ -25,7 +25,7 @@ import math
 from collections.abc import Iterable, Iterator, Sequence
 
 from grounding.backends.base import Backend, Generation, Request
-from grounding.core.result import Result
+from grounding.core.result import Result, score_at_least
 from grounding.io.images import ImageSource
 from grounding.pipeline.crops import DEFAULT_CONTEXT, DEFAULT_MIN_SIDE, crop_with_context, image_for
 from grounding.pipeline.requests import run_requests
@@ -145,15 +145,8 @@ def verify_many(results: Sequence[Result], images: Sequence[ImageSource | None] 
     if failures:
         log.warning("grounding: %d of %d verification requests failed; those boxes are kept "
                     "unverified", failures, len(requests))
-    for result in out:
-        kept = [b for b in result.boxes
-                if b.attributes.get("verify_score") is None
-                or b.attributes["verify_score"] >= threshold]
-        dropped = len(result.boxes) - len(kept)
-        if dropped:
-            result.boxes = kept
-            result.dropped["unverified"] = result.dropped.get("unverified", 0) + dropped
-    return out
+    verified_box = score_at_least(threshold, lambda b: b.attributes.get("verify_score"))
+    return [r.filter(keep_box=verified_box, reason="unverified") for r in out]
 
 
 def verify(result: Result, image: ImageSource | None, backend: Backend, *,
