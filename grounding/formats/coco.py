@@ -30,9 +30,18 @@ from grounding.formats.common import (
     iter_items,
     place_image,
     prepare_dir,
-    select_boxes,
-    select_points,
+    select,
     taken,
+)
+from grounding.formats.dataset import (
+    Dataset,
+    DatasetBox,
+    DatasetError,
+    DatasetImage,
+    as_int,
+    as_number,
+    relative_path,
+    show,
 )
 
 
@@ -54,21 +63,19 @@ def export_coco(records: Iterable[dict[str, Any]], images_root: Path, class_name
                 stats.skip(item.relative, "listed twice in the records")
                 continue
             place_image(item, dst, copy=copy, stats=stats)
-            boxes = select_boxes(item, len(names), min_score, stats)
-            points = select_points(item, len(names), min_score, stats)
+            kept = select(item, len(names), min_score, stats)
             image_id += 1
             stats.images += 1
             entry = {"id": image_id, "file_name": item.relative, "width": item.width,
                      "height": item.height,
-                     "points": [{"category_id": p.class_id + 1, "point": [p.x, p.y],
-                                 "score": p.score} for p in points]}
+                     "points": [{"category_id": p.class_id + 1, "point": list(p.point),
+                                 "score": p.score} for p in kept.points]}
             _append(images_tmp, entry, first=image_id == 1)
-            for b in boxes:
+            for b, (x, y, w, h) in zip(kept.boxes, kept.xywh.tolist(), strict=True):
                 annotation_id += 1
-                w, h = b.x2 - b.x1, b.y2 - b.y1
                 ann: dict[str, Any] = {"id": annotation_id, "image_id": image_id,
                                        "category_id": b.class_id + 1,
-                                       "bbox": [b.x1, b.y1, w, h], "area": w * h, "iscrowd": 0}
+                                       "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0}
                 if b.score is not None:
                     ann["score"] = b.score
                 _append(annotations_tmp, ann, first=annotation_id == 1)
@@ -103,3 +110,120 @@ def _splice(path: Path, names: list[str], images: IO[str], annotations: IO[str])
         shutil.copyfileobj(annotations, f)
         f.write("\n]}\n")
     os.replace(partial, path)
+
+
+# --- Reading -------------------------------------------------------------------------------
+
+
+def load_coco(path: Path, images_root: Path | None = None) -> Dataset:
+    """Read a COCO detection file (``export_coco``'s or any other) as a :class:`Dataset`:
+    boxes turned from ``[x, y, width, height]`` into pixel xyxy, ``names`` from
+    ``categories`` by id. ``images_root`` turns absolute ``file_name`` paths under it into
+    relative ones.
+
+    Malformed entries are left out with a reason in ``Dataset.warnings``: an image entry
+    without a whole-number ``id``, a ``file_name`` or a positive size; an annotation
+    without ``image_id`` or with one no image has; a ``category_id`` missing or not in
+    ``categories``; a ``bbox`` that is not 4 finite numbers or has a negative size. Raises
+    :class:`DatasetError` for a file that is not JSON or not a JSON object whose
+    ``images``, ``annotations`` and ``categories`` are lists."""
+    path = Path(path)
+    root = None if images_root is None else Path(images_root)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DatasetError(f"{path}: not a JSON file: {exc}") from None
+    if not isinstance(data, dict):
+        raise DatasetError(
+            f"{path}: a COCO file is a JSON object with images, annotations and categories; "
+            f"this is a JSON {type(data).__name__} (a list is how detection results are "
+            "written, not ground truth)")
+    if "images" not in data:
+        raise DatasetError(f"{path}: not a COCO detection file: it has no \"images\"")
+    for key in ("images", "annotations", "categories"):
+        if data.get(key) is not None and not isinstance(data[key], list):
+            raise DatasetError(f"{path}: \"{key}\" must be a list, not "
+                               f"{type(data[key]).__name__}")
+    out = Dataset(str(path), {})
+    for i, cat in enumerate(data.get("categories") or []):
+        where = f"{path}: categories[{i}]"
+        cid = as_int(cat.get("id")) if isinstance(cat, dict) else None
+        if not isinstance(cat, dict):
+            out.skip(where, f"not an object: {show(cat)}")
+        elif cid is None:
+            out.skip(where, f"id must be a whole number, got {show(cat.get('id'))}")
+        elif cat.get("name") is None:
+            out.skip(where, "no name")
+        elif cid in out.names:
+            out.skip(where, f"id {cid} already used by {out.names[cid]!r}")
+        else:
+            out.names[cid] = str(cat["name"])
+    slot: dict[int, int] = {}
+    for i, im in enumerate(data["images"] or []):
+        where = f"{path}: images[{i}]"
+        if not isinstance(im, dict):
+            out.skip(where, f"not an object: {show(im)}")
+            continue
+        iid = as_int(im.get("id"))
+        reason, image = _coco_image(im, iid, slot, root)
+        if image is None:
+            out.skip(where + ("" if iid is None else f" (id {iid})"), reason)
+            continue
+        slot[iid] = len(out.images)
+        out.images.append(image)
+    for i, ann in enumerate(data.get("annotations") or []):
+        where = f"{path}: annotations[{i}]"
+        if not isinstance(ann, dict):
+            out.skip(where, f"not an object: {show(ann)}")
+            continue
+        if ann.get("id") is not None:
+            where += f" (id {show(ann['id'])})"
+        reason, box = _coco_box(ann, slot, out.names)
+        if box is None:
+            out.skip(where, reason)
+            continue
+        out.images[slot[as_int(ann["image_id"])]].boxes.append(box)
+    return out
+
+
+def _coco_image(im: dict[str, Any], iid: int | None, slot: dict[int, int],
+                root: Path | None) -> tuple[str, DatasetImage | None]:
+    """(why not, None) or ("", the image) for one image entry."""
+    if iid is None:
+        return f"id must be a whole number, got {show(im.get('id'))}", None
+    if iid in slot:
+        return f"id {iid} already used by an earlier image", None
+    name = im.get("file_name")
+    if not isinstance(name, str) or not name:
+        return f"file_name must be a path, got {show(name)}", None
+    w, h = as_int(im.get("width")), as_int(im.get("height"))
+    if w is None or h is None or w <= 0 or h <= 0:
+        return (f"width and height must be whole numbers > 0, got {show(im.get('width'))} "
+                f"x {show(im.get('height'))}"), None
+    return "", DatasetImage(relative_path(name, root), w, h)
+
+
+def _coco_box(ann: dict[str, Any], slot: dict[int, int],
+              names: dict[int, str]) -> tuple[str, DatasetBox | None]:
+    """(why not, None) or ("", the box) for one annotation."""
+    if ann.get("image_id") is None:
+        return "no image_id", None
+    iid = as_int(ann["image_id"])
+    if iid is None:
+        return f"image_id must be a whole number, got {show(ann['image_id'])}", None
+    if iid not in slot:
+        return f"image_id {iid} is not the id of any (usable) image", None
+    if ann.get("category_id") is None:
+        return "no category_id", None
+    cid = as_int(ann["category_id"])
+    if cid is None or cid not in names:
+        return (f"category_id {show(ann['category_id'])} is not in categories "
+                f"(ids {sorted(names)[:20]})"), None
+    bbox = ann.get("bbox")
+    values = ([as_number(v) for v in bbox] if isinstance(bbox, list | tuple) else [])
+    if len(values) != 4 or None in values:
+        return f"bbox must be 4 numbers [x, y, width, height], got {show(bbox)}", None
+    x, y, w, h = values
+    if w < 0 or h < 0:
+        return f"bbox has a negative width or height: {show(bbox)}", None
+    return "", DatasetBox(cid, x, y, x + w, y + h, bool(ann.get("iscrowd", 0)))

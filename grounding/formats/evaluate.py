@@ -10,13 +10,16 @@ Only images present on both sides are scored: a ground-truth image without a rec
 never labelled, and a record without ground truth cannot be judged; both are counted.
 Ground-truth categories are mapped to grounding's classes by name, ignoring case; those
 that match no class are listed and left out, as are classes the ground truth lacks.
+
+The ground truth is read by ``formats.coco.load_coco`` or ``formats.yolo.load_yolo``;
+entries they reject as malformed are counted in ``EvalReport.gt_skipped`` and described,
+with the file and the annotation or line, in ``EvalReport.gt_warnings``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -24,10 +27,13 @@ from typing import Any
 
 import numpy as np
 
+from grounding.formats.coco import load_coco
+from grounding.formats.dataset import relative_path
+from grounding.formats.yolo import load_yolo
+from grounding.io.images import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # still importable here
+
 IOU = 0.5
 MAX_LISTED = 20
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff",
-                              ".dng", ".mpo"})
 
 
 @dataclass
@@ -67,6 +73,10 @@ class EvalReport:
     classes_not_in_gt: list[str]
     examples: list[str] = field(default_factory=list)
     """A few unmatched or mismatched paths, to see what went wrong."""
+    gt_skipped: int = 0
+    """Ground-truth entries (annotations, images, label lines, ...) left out as malformed."""
+    gt_warnings: list[str] = field(default_factory=list)
+    """Why, for the first of them: ``"FILE: WHERE: REASON"`` (see ``formats.dataset``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,7 +92,8 @@ class EvalReport:
             f"{self.images_matched} images scored, {self.gt_images_unmatched} ground-truth "
             f"images without a record, {self.records_unmatched} records without ground "
             f"truth, {self.records_skipped} records skipped, {self.size_mismatches} size "
-            "mismatches"))
+            "mismatches" + (f", {self.gt_skipped} malformed ground-truth entries left out"
+                            if self.gt_skipped else "")))
         for name in ("class", "GT", "pred", "AP50", "AP50:95", "P@.5", "R@.5"):
             table.add_column(name, justify="left" if name == "class" else "right")
         for c in self.classes:
@@ -114,16 +125,15 @@ def evaluate(records: Iterable[dict[str, Any]], class_names: list[str], gt: Path
     names = [str(n) for n in class_names]
     gt = Path(gt)
     root = None if images_root is None else Path(images_root)
-    if gt.is_dir():
-        gt_images, gt_names = _load_yolo(gt)
-    else:
-        gt_images, gt_names = _load_coco(gt, root)
+    data = load_yolo(gt) if gt.is_dir() else load_coco(gt, root)
+    gt_names = data.names
     index = {n.lower(): i for i, n in enumerate(names)}
     gt_to_class = {g: index.get(n.lower()) for g, n in gt_names.items()}
     in_gt = {c for c in gt_to_class.values() if c is not None}
-    for image in gt_images:
-        image.boxes = [(gt_to_class[b[0]], *b[1:]) for b in image.boxes
-                       if gt_to_class.get(b[0]) is not None]
+    gt_images = [_Image(im.path, im.width, im.height,
+                        [(c, b.x1, b.y1, b.x2, b.y2, b.iscrowd) for b in im.boxes
+                         if (c := gt_to_class.get(b.category_id)) is not None])
+                 for im in data.images]
 
     find = _Matcher(gt_images)
     preds: dict[int, list[tuple[int, float, float, float, float, float]]] = {}
@@ -133,7 +143,7 @@ def evaluate(records: Iterable[dict[str, Any]], class_names: list[str], gt: Path
         if record.get("error") or record.get("width") is None:
             skipped += 1
             continue
-        relative = _relative(str(record.get("image") or ""), root)
+        relative = relative_path(str(record.get("image") or ""), root)
         g = find(relative)
         if g is None or g in preds:
             unmatched += 1
@@ -185,20 +195,12 @@ def evaluate(records: Iterable[dict[str, Any]], class_names: list[str], gt: Path
         predictions_without_class=without_class,
         gt_classes_not_in_list=sorted({gt_names[g] for g, c in gt_to_class.items() if c is None}),
         classes_not_in_gt=[n for i, n in enumerate(names) if i not in in_gt],
-        examples=examples)
+        examples=examples, gt_skipped=data.skipped, gt_warnings=data.warnings)
 
 
 def _note(examples: list[str], text: str) -> None:
     if len(examples) < MAX_LISTED:
         examples.append(text)
-
-
-def _relative(path: str, root: Path | None) -> str:
-    p = PurePosixPath(path.replace("\\", "/"))
-    if p.is_absolute() and root is not None:
-        with contextlib.suppress(ValueError):
-            p = PurePosixPath(Path(str(p)).resolve().relative_to(root.resolve()).as_posix())
-    return p.as_posix()
 
 
 class _Matcher:
@@ -234,64 +236,6 @@ class _Matcher:
 
     def excluded(self, g: int) -> bool:
         return g in self._excluded
-
-
-def _load_coco(path: Path, root: Path | None) -> tuple[list[_Image], dict[int, str]]:
-    data = json.loads(path.read_text(encoding="utf-8"))
-    names = {int(c["id"]): str(c["name"]) for c in data.get("categories") or []}
-    images: list[_Image] = []
-    slot: dict[int, int] = {}
-    for im in data.get("images") or []:
-        slot[int(im["id"])] = len(images)
-        images.append(_Image(_relative(str(im["file_name"]), root), int(im["width"]),
-                             int(im["height"])))
-    for ann in data.get("annotations") or []:
-        g = slot.get(int(ann["image_id"]))
-        if g is None:
-            continue
-        x, y, w, h = (float(v) for v in ann["bbox"])
-        images[g].boxes.append((int(ann["category_id"]), x, y, x + w, y + h,
-                                bool(ann.get("iscrowd", 0))))
-    return images, names
-
-
-def _load_yolo(root: Path) -> tuple[list[_Image], dict[int, str]]:
-    """An Ultralytics detection dataset: every image under images/ (any depth), its label
-    at the same path under labels/ with .txt; sizes as displayed (EXIF applied), the frame
-    Ultralytics normalises against. Polygon rows count as their enclosing box."""
-    import yaml  # a dependency of supervision
-    from PIL import Image
-
-    spec = yaml.safe_load((root / "data.yaml").read_text(encoding="utf-8")) or {}
-    raw = spec.get("names") or {}
-    names = {int(k): str(v) for k, v in (raw.items() if isinstance(raw, dict)
-                                         else enumerate(raw))}
-    images: list[_Image] = []
-    image_dir = root / "images"
-    for path in sorted(p for p in image_dir.rglob("*")
-                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
-        relative = path.relative_to(image_dir).as_posix()
-        with Image.open(path) as im:
-            w, h = im.size
-            if im.getexif().get(0x0112) in (5, 6, 7, 8):
-                w, h = h, w
-        image = _Image(relative, w, h)
-        label = (root / "labels" / relative).with_suffix(".txt")
-        if label.is_file():
-            for line in label.read_text(encoding="utf-8").splitlines():
-                values = line.split()
-                if len(values) < 5:
-                    continue
-                nums = [float(v) for v in values[1:]]
-                if len(nums) in (4, 5):  # a box, maybe with a trailing confidence
-                    cx, cy, bw, bh = nums[:4]
-                    x1, y1, x2, y2 = cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2
-                else:
-                    xs, ys = nums[0::2], nums[1::2]
-                    x1, y1, x2, y2 = min(xs), min(ys), max(xs), max(ys)
-                image.boxes.append((int(values[0]), x1 * w, y1 * h, x2 * w, y2 * h, False))
-        images.append(image)
-    return images, names
 
 
 def _coco_eval(gt_images: list[_Image], preds: dict[int, list], matched: list[int],

@@ -17,6 +17,7 @@ YOLO detection labels hold no points: they are dropped and counted.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -27,9 +28,18 @@ from grounding.formats.common import (
     iter_items,
     place_image,
     prepare_dir,
-    select_boxes,
+    select,
     taken,
 )
+from grounding.formats.dataset import (
+    Dataset,
+    DatasetBox,
+    DatasetError,
+    DatasetImage,
+    as_int,
+    show,
+)
+from grounding.io.images import IMAGE_EXTENSIONS, open_header
 
 
 def export_yolo(records: Iterable[dict[str, Any]], images_root: Path, class_names: list[str],
@@ -57,12 +67,10 @@ def export_yolo(records: Iterable[dict[str, Any]], images_root: Path, class_name
                                       "already used by an earlier record")
             continue
         place_image(item, image_dst, copy=copy, stats=stats)
-        boxes = select_boxes(item, len(names), min_score, stats)
-        n_points = len(item.record.get("points") or [])
-        stats.points_not_supported += n_points
-        rows = [_row(b.class_id, b.x1, b.y1, b.x2, b.y2, item.width, item.height)
-                for b in boxes]
-        label_dst.write_text("".join(r + "\n" for r in rows), encoding="utf-8")
+        kept = select(item, len(names), min_score, stats, points=False)
+        rows = [f"{b.class_id} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n"
+                for b, (cx, cy, w, h) in zip(kept.boxes, kept.xywhn.tolist(), strict=True)]
+        label_dst.write_text("".join(rows), encoding="utf-8")
         stats.images += 1
     write_data_yaml(out / "data.yaml", out.resolve(), names)
     return stats
@@ -76,11 +84,6 @@ def is_val(relative: str, val_fraction: float, seed: int) -> bool:
     """Deterministic per image: the same answer on every machine and every run."""
     digest = hashlib.sha256(f"{seed}\0{relative}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64 < val_fraction
-
-
-def _row(class_id: int, x1: float, y1: float, x2: float, y2: float, w: int, h: int) -> str:
-    cx, cy = (x1 + x2) / 2 / w, (y1 + y2) / 2 / h
-    return f"{class_id} {cx:.6f} {cy:.6f} {(x2 - x1) / w:.6f} {(y2 - y1) / h:.6f}"
 
 
 def write_data_yaml(path: Path, root: Path, names: list[str]) -> None:
@@ -111,3 +114,128 @@ def yaml_quote(text: str) -> str:
         else:
             out.append(f"\\u{code:04x}")
     return '"' + "".join(out) + '"'
+
+
+# --- Reading -------------------------------------------------------------------------------
+
+
+def load_yolo(root: Path) -> Dataset:
+    """Read an Ultralytics detection dataset (``export_yolo``'s or any other) as a
+    :class:`Dataset`: every image under ``images/`` (any depth, suffixes in
+    ``IMAGE_EXTENSIONS``), its label at the same path under ``labels/`` with ``.txt``
+    (none: no objects), ``names`` from ``data.yaml``. Sizes are as displayed (EXIF
+    applied), the frame Ultralytics normalises against; boxes come back in pixel xyxy, a
+    polygon row as its enclosing box.
+
+    Malformed rows are left out with ``FILE:LINE: reason`` in ``Dataset.warnings``: not
+    numbers, a class that is not a whole number in ``names``, a count that is neither a box
+    (class cx cy w h, maybe a trailing score) nor a polygon (class and 3 or more x y
+    pairs), a value outside 0..1. An image PIL cannot read, or whose label file cannot be
+    read, is left out the same way, and so is a label file no image claims. Raises
+    :class:`DatasetError` when ``data.yaml`` is missing, not a YAML mapping or without
+    ``names``, or there is no ``images/`` folder."""
+    import yaml  # a dependency of grounding
+
+    root = Path(root)
+    spec_path = root / "data.yaml"
+    if not spec_path.is_file():
+        raise DatasetError(f"{root}: no data.yaml; a YOLO dataset folder holds data.yaml, "
+                           "images/ and labels/")
+    try:
+        spec = yaml.safe_load(spec_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise DatasetError(f"{spec_path}: not YAML: {exc}") from None
+    out = Dataset(str(root), _yolo_names(spec, spec_path))
+    image_dir, label_dir = root / "images", root / "labels"
+    if not image_dir.is_dir():
+        raise DatasetError(f"{root}: no images/ folder")
+    claimed: set[Path] = set()
+    for path in sorted(p for p in image_dir.rglob("*")
+                       if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+        relative = path.relative_to(image_dir).as_posix()
+        label = (label_dir / relative).with_suffix(".txt")
+        claimed.add(label)
+        try:
+            with open_header(path) as im:
+                w, h = im.size
+                if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF: turned 90°
+                    w, h = h, w
+        except (OSError, SyntaxError, ValueError) as exc:
+            out.skip(str(path), f"cannot read the image ({exc}); left out")
+            continue
+        image = DatasetImage(relative, w, h)
+        if label.is_file():
+            try:
+                text = label.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                out.skip(str(label), f"cannot read the label file ({exc}); image "
+                                     f"{relative} left out")
+                continue
+            for number, line in enumerate(text.splitlines(), 1):
+                reason, box = _yolo_box(line, out.names, w, h)
+                if box is not None:
+                    image.boxes.append(box)
+                elif reason:
+                    out.skip(f"{label}:{number}", reason)
+        out.images.append(image)
+    if label_dir.is_dir():
+        for label in sorted(label_dir.rglob("*.txt")):
+            if label not in claimed and label.is_file():
+                out.skip(str(label), "no image for this label file (looked for the same path "
+                                     f"under images/ ending {', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return out
+
+
+def _yolo_names(spec: Any, where: Path) -> dict[int, str]:
+    """Class index -> name from data.yaml's ``names``: a list, or a mapping by index."""
+    if not isinstance(spec, dict):
+        raise DatasetError(f"{where}: must be a YAML mapping with names, got "
+                           f"{type(spec).__name__}")
+    if "names" not in spec:
+        raise DatasetError(f"{where}: no names")
+    raw = spec["names"] or {}
+    if isinstance(raw, list):
+        return {i: str(n) for i, n in enumerate(raw)}
+    if not isinstance(raw, dict):
+        raise DatasetError(f"{where}: names must be a list or a mapping of class index to "
+                           f"name, got {show(raw)}")
+    names: dict[int, str] = {}
+    for key, name in raw.items():
+        index = int(key) if isinstance(key, str) and key.strip().isdigit() else as_int(key)
+        if index is None or index < 0:
+            raise DatasetError(f"{where}: names key {show(key)} is not a class index")
+        names[index] = str(name)
+    return names
+
+
+def _yolo_box(line: str, names: dict[int, str], w: int,
+              h: int) -> tuple[str, DatasetBox | None]:
+    """(why not, None), ("", None) for a blank line, or ("", the box in pixels)."""
+    values = line.split()
+    if not values:
+        return "", None
+    try:
+        nums = [float(v) for v in values]
+    except ValueError:
+        return f"not numbers: {show(line.strip())}", None
+    if not all(math.isfinite(v) for v in nums):
+        return f"not finite numbers: {show(line.strip())}", None
+    class_id = as_int(nums[0])
+    if class_id is None or class_id < 0:
+        return f"class must be a whole number >= 0, got {values[0]!r}", None
+    if class_id not in names:
+        return f"class {class_id} is not in data.yaml names ({len(names)} classes)", None
+    coords = nums[1:]
+    if len(coords) in (4, 5):  # a box, maybe with a trailing score
+        cx, cy, bw, bh = coords[:4]
+        x1, y1, x2, y2 = cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2
+    elif len(coords) >= 6 and len(coords) % 2 == 0:  # a polygon: its enclosing box
+        xs, ys = coords[0::2], coords[1::2]
+        x1, y1, x2, y2 = min(xs), min(ys), max(xs), max(ys)
+    else:
+        return (f"{len(values)} values; a box row is 5 numbers \"class cx cy w h\" (a 6th, "
+                "a score, is allowed), a polygon row \"class x y x y x y ...\""), None
+    if any(not 0.0 <= v <= 1.0 for v in coords):
+        return ("values outside 0..1 (YOLO coordinates are fractions of the image size): "
+                f"{show(line.strip())}"), None
+    return "", DatasetBox(class_id, x1 * w, y1 * h, x2 * w, y2 * h)

@@ -23,6 +23,14 @@ DEFAULT_MAX_IMAGE_PIXELS = 2 * 89_478_485
 """Above this many pixels (PIL's own bomb limit, about 13,400 x 13,400) a file is refused
 as a likely decompression bomb; pass ``max_image_pixels`` to allow more."""
 
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff",
+                              ".mpo"})
+"""What counts as an image file, by lower-cased suffix: the one list used to find the images
+to label (``runs.rundir.find_images``) and the images of a YOLO dataset (``formats.yolo``).
+The union of what both used to accept, kept to what PIL decodes: ``.dng`` (in Ultralytics'
+list) is left out, as PIL has no raw decoder and opens at most a DNG's TIFF preview, whose
+frame is not the photo's."""
+
 _pil_limit_lock = threading.Lock()
 
 
