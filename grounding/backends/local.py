@@ -12,16 +12,14 @@ from typing import Any
 from PIL import Image
 
 from grounding.backends.base import TOP_LOGPROBS, Generation, Request
-from grounding.backends.placement import Machine, plan
+from grounding.backends.options import DEFAULT_MODEL as DEFAULT_MODEL  # re-exported
+from grounding.backends.options import LocalOptions
+from grounding.backends.placement import Machine, check_device, plan
 from grounding.core.dialects import Dialect, get_dialect
 from grounding.core.errors import GeometryError, GroundingError
 from grounding.core.geometry import Size, model_frame, resolve_budget
 
 log = logging.getLogger("grounding")
-
-DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
-DEFAULT_MAX_NEW_TOKENS = 2048
-"""A Qwen2.5-VL box line is about 30 tokens: 2048 leaves room for about 60 boxes."""
 
 
 class ModelLoadError(GroundingError):
@@ -41,7 +39,7 @@ huggingface_hub's retries, about 30 s when the hub cannot be reached)."""
 
 
 def _load_hint(model: str, exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    text = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).rstrip(".")
     return (
         f"cannot load model {model!r}: {text}. If it is a hub id, check the spelling, run "
         "`hf auth login` for gated models and make sure the hub is reachable (or download "
@@ -76,9 +74,9 @@ def resolve_model(model: str) -> tuple[str, bool]:
     path = os.path.expanduser(model)
     if os.path.isdir(path):
         return path, True
+    if os.path.exists(path):
+        raise ModelLoadError(f"--model {model}: not a checkpoint directory (a file)")
     if looks_like_path(model):
-        if os.path.exists(path):
-            raise ModelLoadError(f"--model {model}: not a checkpoint directory (a file)")
         raise ModelLoadError(f"--model {model}: no such checkpoint directory")
     from huggingface_hub import constants
 
@@ -104,32 +102,38 @@ class LocalBackend:
 
     def __init__(
         self,
-        model: str = DEFAULT_MODEL,
+        model: str = LocalOptions.model,
         *,
-        dialect: str | Dialect | None = None,
-        device: str | None = None,
+        dialect: str | Dialect | None = LocalOptions.dialect,
+        device: str | None = LocalOptions.device,
         dtype: Any = None,
-        min_pixels: int | None = None,
-        max_pixels: int | None = None,
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        min_pixels: int | None = LocalOptions.min_pixels,
+        max_pixels: int | None = LocalOptions.max_pixels,
+        max_new_tokens: int = LocalOptions.max_new_tokens,
         attn_implementation: str | None = None,
         scores: bool = True,
     ) -> None:
+        self.model = str(model)
+        # What can be checked without torch and transformers (seconds to import) first.
+        check_device(device)
+        source, offline = resolve_model(self.model)
+        self.placement = plan(Machine.probe(), device, dtype, attn_implementation)
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
         from grounding.backends.token_scores import TokenTexts
 
-        self.model = str(model)
-        source, offline = resolve_model(self.model)
         try:
             config = AutoConfig.from_pretrained(source, local_files_only=offline)
         except (OSError, ValueError, KeyError) as exc:
-            if offline and source == self.model:
+            if os.path.isdir(source):
+                raise ModelLoadError(f"--model {self.model}: not a transformers checkpoint "
+                                     "directory (no readable config.json)") from None
+            if offline:
                 raise ModelLoadError(
                     f"cannot load model {self.model!r}: it is not in the local cache and the "
                     "hub is offline or unreachable; download it where the hub is reachable "
-                    "(`hf download MODEL`) or point --model at a checkpoint directory"
-                ) from None
+                    f"(`hf download {self.model}`) or point --model at a checkpoint "
+                    "directory") from None
             raise ModelLoadError(_load_hint(self.model, exc)) from None
         try:
             self.dialect = get_dialect(dialect or config.model_type)
@@ -141,7 +145,6 @@ class LocalBackend:
         if self.dialect.factor is None:
             raise ModelLoadError(f"the local backend runs Qwen2/2.5/3-VL; {self.dialect.name} "
                                  "models are reached through a server (--backend openai)")
-        self.placement = plan(Machine.probe(), device, dtype, attn_implementation)
         if not self.placement.on_gpu:
             log.warning("grounding: no GPU in use, running %s on the CPU (slow)", self.model)
         try:

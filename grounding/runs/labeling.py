@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from grounding._version import __version__
+from grounding.backends.options import label_settings
 from grounding.io.records import JsonlWriter, read_jsonl
 from grounding.pipeline.detector import Detector, Query
 from grounding.runs.rundir import RunDir, find_images, in_shard
@@ -36,22 +37,23 @@ class Progress:
 def run_config(detector: Detector, query: Query, images_dir: Path, shard: tuple[int, int],
                ontology: dict[str, str] | None = None) -> dict[str, Any]:
     """The configuration recorded in run.json; the keys in runs.CONFIG_KEYS must match on
-    resume."""
+    resume. The backend's settings are those marked ``labels`` in grounding.backends.options
+    (in the order run.json has always had: model and dialect first, the rest after
+    references)."""
     backend = detector.backend
+    settings = label_settings(backend)
     return {
         "images_dir": str(images_dir.resolve()),
         "backend": type(backend).__name__,
-        "model": backend.model,
-        "dialect": backend.dialect.name,
+        "model": settings.pop("model"),
+        "dialect": settings.pop("dialect"),
         "prompt": query.text(backend.dialect),
         "classes": query.classes.names if query.classes is not None else None,
         "ontology": ontology,
         "task": query.task,
         "system": query.system,
         "references": _references(query),
-        "min_pixels": getattr(backend, "min_pixels", None),
-        "max_pixels": getattr(backend, "max_pixels", None),
-        "max_new_tokens": getattr(backend, "max_new_tokens", None),
+        **settings,  # min_pixels, max_pixels, max_new_tokens, any setting marked later
         "shard": f"{shard[0]}/{shard[1]}",
         "min_score": detector.min_score,
         "verify": bool(detector.verify),

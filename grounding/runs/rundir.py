@@ -20,18 +20,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from grounding.backends.options import LABEL_KEYS, LABEL_MISSING
 from grounding.core.errors import GroundingError
+from grounding.io.images import IMAGE_EXTENSIONS
 from grounding.io.records import read_jsonl, repair_jsonl
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
+RUN_KEYS = ("images_dir", "backend", "prompt", "classes", "ontology", "task", "system",
+            "shard", "min_score", "verify", "verify_threshold", "references")
+"""What the run and its query decide (the images, which backend, what is asked, which
+share, what is kept); the backend's own settings are LABEL_KEYS."""
 
 # What must not change between sessions of one run: these decide what the labels mean.
-CONFIG_KEYS = ("images_dir", "backend", "model", "dialect", "prompt", "classes", "ontology",
-               "task", "system", "min_pixels", "max_pixels", "max_new_tokens", "shard",
-               "min_score", "verify", "verify_threshold", "references")
-CONFIG_DEFAULTS = {"verify": False, "references": None}
+CONFIG_KEYS = (*RUN_KEYS[:2], *LABEL_KEYS, *RUN_KEYS[2:])
+CONFIG_DEFAULTS = {"verify": False, "references": None, **LABEL_MISSING}
 """What a key added to CONFIG_KEYS later means in a run.json written before it existed,
-so older runs still resume."""
+so older runs still resume (a backend setting's comes from its ``missing`` metadata)."""
 
 
 class RunConfigError(GroundingError):

@@ -1,0 +1,76 @@
+"""The backend a command's options describe (the factory behind --backend), and what
+the commands that run a model check before they build it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from grounding.backends.options import BACKENDS, LocalOptions
+from grounding.cli.common import fail
+from grounding.cli.options import cli_names
+from grounding.core.errors import GroundingError
+
+
+def make_backend(kind: str, *, max_new_tokens: int, json_schema: bool, **options: Any):
+    """The backend the command-line options describe: ``options`` are the backend
+    options by parameter name (grounding.cli.options.BACKEND), --backend aside."""
+    if kind not in BACKENDS:
+        raise typer.BadParameter("expected local or openai", param_hint="--backend")
+    values = {**options, "max_new_tokens": max_new_tokens, "json_schema": json_schema}
+    settings = {field: values[name] for name, field in cli_names(BACKENDS[kind]).items()}
+    if kind == "local":
+        from grounding.backends.local import LocalBackend
+
+        settings["model"] = settings["model"] or LocalOptions.model
+        return LocalBackend(**settings)
+    if not settings["base_url"]:
+        raise typer.BadParameter("--backend openai needs --base-url", param_hint="--base-url")
+    settings["headers"] = _headers(settings["headers"])
+    from grounding.backends.remote import OpenAIBackend
+
+    return OpenAIBackend(**settings)
+
+
+def _headers(items: list[str] | None) -> dict[str, str]:
+    """--header 'Name: value' options as a dict."""
+    headers = {}
+    for item in items or []:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise typer.BadParameter(f"expected 'Name: value', got {item!r}", param_hint="--header")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
+def engine(options: dict[str, Any], *, max_new_tokens: int, json_schema: bool):
+    """The backend a command's options describe; exits 2 with one line when it cannot be
+    had (a missing model, an unreachable server, a bad option value)."""
+    settings = {k: v for k, v in options.items() if k != "backend"}
+    try:
+        return make_backend(options["backend"], max_new_tokens=max_new_tokens,
+                            json_schema=json_schema, **settings)
+    except (GroundingError, ValueError) as exc:
+        fail(exc)
+
+
+def setup(options: dict, classes: str | None, ontology: Path | None, prompt: str | None,
+          *, max_new_tokens: int, json_schema: bool, need_classes: bool = False):
+    """(backend, classes-or-ontology, ontology dict) from a command's options; exits 2 with
+    one line on a bad option, a missing model or an unreachable server."""
+    from grounding.pipeline.detector import load_ontology
+
+    if classes is not None and ontology is not None:
+        raise typer.BadParameter("give --classes or --ontology, not both")
+    if need_classes and classes is None and ontology is None:
+        raise typer.BadParameter("give --classes or --ontology")
+    if classes is None and ontology is None and prompt is None:
+        raise typer.BadParameter("give --classes, --ontology or --prompt")
+    try:
+        mapping = load_ontology(ontology) if ontology is not None else None
+    except GroundingError as exc:
+        fail(exc)
+    backend = engine(options, max_new_tokens=max_new_tokens, json_schema=json_schema)
+    return backend, mapping if mapping is not None else classes, mapping

@@ -1,0 +1,91 @@
+"""grounding export: COCO, YOLO or Label Studio datasets from label runs (also run by
+grounding label --format)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from grounding.cli.common import fail
+from grounding.core.errors import GroundingError
+
+FORMATS = ("coco", "yolo", "labelstudio")
+
+
+def parse_formats(text: str | None) -> list[str]:
+    """The --format names (comma-separated), checked."""
+    if not text:
+        return []
+    names = [f.strip().lower() for f in text.split(",") if f.strip()]
+    bad = [f for f in names if f not in FORMATS]
+    if bad:
+        raise typer.BadParameter(f"unknown format {bad[0]!r}; choose from {', '.join(FORMATS)}",
+                                 param_hint="--format")
+    return names
+
+
+def export_runs(run_dirs: list[Path], fmt: str, out: Path, *, min_score: float | None,
+                copy: bool, val_fraction: float, seed: int, overwrite: bool) -> None:
+    """Export the records of ``run_dirs`` (shards of one run) as ``fmt`` into ``out``."""
+    from grounding.formats import export_coco, export_labelstudio, export_yolo
+    from grounding.runs.rundir import RunDir
+
+    runs = [RunDir(p) for p in run_dirs]
+    try:
+        configs = [r.config() for r in runs]
+    except GroundingError as exc:
+        fail(exc)
+    classes = configs[0].get("classes") or []
+    roots = {c.get("images_dir") for c in configs}
+    if any((c.get("classes") or []) != classes for c in configs) or len(roots) != 1:
+        fail("the run directories differ in classes or images folder; export them "
+             "separately")
+    root = Path(roots.pop())
+
+    def records():
+        # Shards never overlap; the exporters skip (and list) a repeated image anyway.
+        for run in runs:
+            yield from run.records()
+
+    try:
+        if fmt == "coco":
+            stats = export_coco(records(), root, classes, out, min_score=min_score, copy=copy,
+                                overwrite=overwrite)
+        elif fmt == "yolo":
+            stats = export_yolo(records(), root, classes, out, val_fraction=val_fraction,
+                                seed=seed, min_score=min_score, copy=copy, overwrite=overwrite)
+        else:
+            stats = export_labelstudio(records(), root, classes, out, min_score=min_score)
+    except (FileExistsError, ValueError, OSError) as exc:
+        fail(f"{fmt} export to {out}: {exc}")
+    counts = {k: v for k, v in stats.to_dict().items() if v and k != "skipped"}
+    typer.echo(f"{fmt}: {out} {json.dumps(counts)}", err=True)
+    for line in stats.skipped[:20]:
+        typer.echo(f"  skipped {line}", err=True)
+
+
+def export(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run directories (shards merge).")],
+    format: Annotated[str, typer.Option("--format", help="coco, yolo or labelstudio.")],
+    out: Annotated[Path | None, typer.Option(
+        help="Output folder (default RUN_DIR/export/FORMAT).")] = None,
+    min_score: Annotated[float | None, typer.Option(
+        help="Drop boxes scored below this (unscored boxes count as 1.0).")] = None,
+    copy: Annotated[bool, typer.Option(
+        help="Copy images instead of linking them (supervision's COCO reader needs copies).")
+    ] = False,
+    val_fraction: Annotated[float, typer.Option(help="YOLO: validation share.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="YOLO: split seed.")] = 0,
+) -> None:
+    """Build a COCO, YOLO or Label Studio dataset from one or more label runs."""
+    names = parse_formats(format)
+    if len(names) != 1:
+        raise typer.BadParameter("give one format", param_hint="--format")
+    # RUN_DIR/export/FORMAT belongs to grounding and is rebuilt; a folder of the user's
+    # (--out) must be empty, so an export never mixes into an existing dataset.
+    export_runs(run_dirs, names[0], out or run_dirs[0] / "export" / names[0],
+                min_score=min_score, copy=copy, val_fraction=val_fraction, seed=seed,
+                overwrite=out is None)

@@ -1,0 +1,157 @@
+"""Options more than one command takes, each declared once.
+
+The backend options are generated from grounding.backends.options (the dataclasses the
+backends take their defaults from); the options detect and label share beyond the backend
+are the fields of :class:`DetectionOptions`. :func:`with_options` gives a command a group
+of options after its own and hands the group to it as one value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, get_type_hints
+
+import typer
+
+from grounding.backends.options import (
+    BACKENDS,
+    DEFAULT_MAX_NEW_TOKENS,
+    BackendOptions,
+    RemoteOptions,
+    own_fields,
+)
+
+Option = tuple[str, Any, Any]
+"""A command-line option as a command parameter: (name, Annotated type, default)."""
+
+
+def field_option(cls: type[BackendOptions], name: str) -> Option:
+    """The option of field ``name`` of a backend's options: its help (prefixed with the
+    backend's --backend value when the field is that backend's own), range, name, type
+    and default, all from the dataclass."""
+    field = cls.__dataclass_fields__[name]
+    meta = field.metadata
+    prefix = f"{cls.kind}: " if cls.kind and field in own_fields(cls) else ""
+    kind = meta["cli_type"] or get_type_hints(cls)[name]
+    option = typer.Option(help=prefix + meta["help"], min=meta["min"], max=meta["max"])
+    return meta["flag"] or name, Annotated[kind, option], field.default
+
+
+def option_type(cls: type[BackendOptions], name: str) -> Any:
+    """The Annotated type of a ``cli="command"`` field's option; the command gives the
+    default (see MaxNewTokens)."""
+    return field_option(cls, name)[1]
+
+
+def backend_options() -> tuple[Option, ...]:
+    """--backend, then every ``cli="backend"`` field: the common ones, then each backend's
+    own, in declaration order."""
+    kind = Annotated[str, typer.Option(
+        "--backend", help="local: transformers in this process; openai: an OpenAI-compatible "
+                          "server (vLLM, SGLang, hosted APIs).")]
+    options: list[Option] = [("backend", kind, "local")]
+    for cls in (BackendOptions, *BACKENDS.values()):
+        options += [field_option(cls, f.name) for f in own_fields(cls)
+                    if f.metadata["cli"] == "backend"]
+    return tuple(options)
+
+
+def cli_names(cls: type[BackendOptions]) -> dict[str, str]:
+    """Each field of ``cls`` by the name of its command-line parameter."""
+    return {f.metadata["flag"] or f.name: f.name for f in dataclasses.fields(cls)}
+
+
+@dataclass(frozen=True)
+class OptionGroup:
+    """Options that reach a command as one value: ``build(**values)``."""
+
+    options: tuple[Option, ...]
+    build: Callable[..., Any] = dict
+
+
+def with_options(**groups: OptionGroup):
+    """Give a command the options of each group after its own; a group reaches the
+    command as one value, in its parameter of the group's name (a placeholder in the
+    command's signature), so commands share one definition."""
+
+    def wrap(command):
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name not in groups]
+        shared = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                    annotation=annotation)
+                  for group in groups.values() for name, annotation, default in group.options]
+
+        @functools.wraps(command)
+        def run(**kwargs):
+            for key, group in groups.items():
+                kwargs[key] = group.build(**{name: kwargs.pop(name)
+                                             for name, _, _ in group.options})
+            return command(**kwargs)
+
+        run.__signature__ = signature.replace(parameters=own + shared)
+        run.__annotations__ = {p.name: p.annotation for p in own + shared}
+        return run
+
+    return wrap
+
+
+# -- what the commands that run a model say ---------------------------------------------
+
+Classes = Annotated[str | None, typer.Option(
+    help='Comma-separated classes to find, e.g. "person,car".')]
+Ontology = Annotated[Path | None, typer.Option(
+    help='JSON file mapping prompt phrases to class names: {"pedestrian": "person"}.')]
+Points = Annotated[bool, typer.Option("--points", help="Ask for points, not boxes.")]
+References = Annotated[list[Path] | None, typer.Option(
+    "--reference", help="An example image shown before every image in the same message "
+                        "(repeatable): find more like it. Coordinates still refer to each "
+                        "image.")]
+System = Annotated[str | None, typer.Option(help="System prompt.")]
+MaxNewTokens = option_type(BackendOptions, "max_new_tokens")
+JsonSchema = option_type(RemoteOptions, "json_schema")
+
+BACKEND = OptionGroup(backend_options())
+"""The backend options of every command that runs a model, as one dict by parameter name
+(grounding.cli.backend.make_backend reads it)."""
+
+
+@dataclass(frozen=True)
+class DetectionOptions:
+    """What detect and label take beyond the backend: how images are batched, how long
+    an answer may be, the system prompt, and which boxes are kept. Each field's type is
+    its option."""
+
+    batch_size: Annotated[int | None, typer.Option(
+        min=1, help="Images handed to the backend at once (local default 4; openai default "
+                    "4 x concurrency).")] = None
+    max_new_tokens: MaxNewTokens = DEFAULT_MAX_NEW_TOKENS
+    system: System = None
+    json_schema: JsonSchema = RemoteOptions.json_schema
+    min_score: Annotated[float | None, typer.Option(
+        help="Drop boxes and points scored below this (token log-probability rule, see "
+             "README; unscored ones are kept).")] = None
+    verify: Annotated[bool, typer.Option(
+        "--verify", help='Ask the model about every box "Is this a LABEL? Answer yes or no." '
+                         "(a crop with context, one token) and drop the boxes it doubts; the "
+                         "score is kept as attributes.verify_score (see README).")] = False
+    verify_threshold: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="--verify: drop boxes with P(yes) / (P(yes) + P(no)) below "
+                               "this.")] = 0.5
+
+    def detector(self, engine):
+        """The Detector running ``engine`` with these options."""
+        from grounding.pipeline.detector import Detector
+
+        return Detector(engine, batch_size=self.batch_size, min_score=self.min_score,
+                        verify=self.verify, verify_threshold=self.verify_threshold)
+
+
+_DETECTION_HINTS = get_type_hints(DetectionOptions, include_extras=True)
+DETECTION = OptionGroup(tuple((f.name, _DETECTION_HINTS[f.name], f.default)
+                              for f in dataclasses.fields(DetectionOptions)), DetectionOptions)
+"""DetectionOptions' fields as options; the command receives a DetectionOptions."""
