@@ -60,6 +60,7 @@ def throughput(args: argparse.Namespace) -> None:
     backend = LocalBackend(args.model, max_new_tokens=args.max_new_tokens)
     detector = Detector(backend)
     imgs = images(args.images)
+    args.batches = sorted({min(b, args.images) for b in args.batches})  # what really ran
     run(detector, imgs[:2], 2)  # warm-up
     rows = {b: run(detector, imgs, b) for b in args.batches}
     console = Console(width=120)

@@ -65,8 +65,8 @@ def test_impossible_device_exits_1_with_one_line():
 
 
 @pytest.mark.parametrize(("name", "reason"), [
-    ("{tmp}/no-such-checkpoint", "does not exist"),
-    ("models/qwen/Qwen2.5-VL-3B", "does not exist"),  # not org/name: a path, as the backend says
+    ("{tmp}/no-such-checkpoint", "no such checkpoint directory"),
+    ("models/qwen/Qwen2.5-VL-3B", "no such checkpoint directory"),  # not org/name: a path, as the backend says
     ("qwen vl", "neither a directory nor a valid hub id"),
 ])
 def test_model_that_is_not_there_exits_1(tmp_path, name, reason):
@@ -78,7 +78,10 @@ def test_model_that_is_not_there_exits_1(tmp_path, name, reason):
 
 @pytest.mark.parametrize("offline", ["1", "0"])
 def test_uncached_hub_id_fails_only_offline(offline, monkeypatch):
+    from grounding.backends import doctor as module
+
     monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(module, "hub_reachable", lambda *a: True)
     out = doctor("--device", "cpu")  # the default model, absent from the empty cache
     assert DEFAULT_MODEL in out.stdout and "not in the local cache" in out.stdout
     assert "qwen2.5-vl (guessed from the name)" in out.stdout
@@ -89,6 +92,18 @@ def test_uncached_hub_id_fails_only_offline(offline, monkeypatch):
     else:
         assert out.exit_code == 0, out.output
         assert "the first run downloads it" in out.stdout
+
+
+def test_uncached_hub_id_with_an_unreachable_hub_fails(monkeypatch):
+    """The same probe the backend makes: an air-gapped GPU box gets no false green light."""
+    from grounding.backends import doctor as module
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(module, "hub_reachable", lambda *a: False)
+    out = doctor("--device", "cpu")
+    assert out.exit_code == 1
+    [line] = error_lines(out)
+    assert "the hub does not answer" in line and f"hf download {DEFAULT_MODEL}" in line
 
 
 def test_cached_hub_id_needs_its_weights_offline(empty_hub_cache):

@@ -312,3 +312,34 @@ def test_cli_impossible_device_is_one_line(tmp_path):
                                    str(tiny_checkpoint("qwen2.5-vl")), "--device", "cuda:1"])
     assert out.exit_code == 2
     assert out.stderr.count("\n") == 1 and "cuda:1" in out.stderr
+
+
+def test_a_relative_file_name_is_a_file_not_a_hub_id(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("x")
+    with pytest.raises(ModelLoadError, match="not a checkpoint directory"):
+        LocalBackend("README.md")
+
+
+def test_a_directory_without_a_config_is_named_as_such(tmp_path):
+    with pytest.raises(ModelLoadError, match="not a transformers checkpoint directory"):
+        LocalBackend(str(tmp_path))
+
+
+def test_bad_model_and_device_fail_before_the_heavy_imports(tmp_path):
+    """No seconds of torch/transformers imports to learn that a name is mistyped."""
+    import subprocess
+    import sys
+
+    missing, not_a_device = str(tmp_path / "missing"), str(tmp_path)
+    code = ("import sys\nfrom grounding.backends.local import LocalBackend\n"
+            f"for kw in ({{'model': {missing!r}}}, {{'model': {not_a_device!r}, "
+            "'device': 'gpu'}):\n"
+            "    try:\n        LocalBackend(**kw)\n    except Exception as e:\n"
+            "        print(type(e).__name__, e)\n"
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert "no such checkpoint directory" in out[0]
+    assert "PlacementError" in out[1] and "'gpu'" in out[1]
+    assert out[2] == "[]"

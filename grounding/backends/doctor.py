@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from grounding._version import __version__
-from grounding.backends.local import DEFAULT_MODEL, looks_like_path
+from grounding.backends.local import DEFAULT_MODEL, hub_reachable, looks_like_path
 from grounding.backends.placement import Machine, Placement, PlacementError, plan
 from grounding.core.dialects import Dialect, get_dialect, guess_dialect
 
@@ -77,6 +77,8 @@ class Report:
     device: str | None = None
     """The --device asked for (None: the backend's default)."""
     offline: bool = False
+    hub_unreachable: bool = False
+    """The hub did not answer the backend's probe (only asked for a hub id not cached)."""
     hub_cache: str = ""
     cuda_visible_devices: str | None = None
 
@@ -103,18 +105,20 @@ class Report:
             out.append(error)
         m = self.model
         if m.kind == "missing":
-            out.append(f"model path {m.name} does not exist")
+            out.append(f"--model {m.name}: no such checkpoint directory")
         elif m.kind == "invalid":
             out.append(f"model {m.name!r} is neither a directory nor a valid hub id")
         elif m.kind == "file":
             out.append(f"model {m.name} is a file; expected a checkpoint directory or hub id")
         elif m.kind == "directory" and not m.config:
             out.append(f"{m.name} has no readable config.json: not a transformers checkpoint")
-        elif m.kind == "hub" and self.offline and not m.weight_bytes:
+        elif m.kind == "hub" and (self.offline or self.hub_unreachable) and not m.weight_bytes:
             what = "its weights are" if m.config else "it is"
+            why = ("HF_HUB_OFFLINE=1 is set" if self.offline
+                   else "the hub does not answer from this machine")
             out.append(f"{m.name}: {what} not in the Hugging Face cache ({self.hub_cache}) and "
-                       f"HF_HUB_OFFLINE=1 is set; run `hf download {m.name}` where the hub is "
-                       "reachable, or unset HF_HUB_OFFLINE")
+                       f"{why}; run `hf download {m.name}` where the hub is reachable"
+                       + (", or unset HF_HUB_OFFLINE" if self.offline else ""))
         d = self.dialect
         if d is not None and d.factor is None:
             out.append(f"the local backend runs Qwen2/2.5/3-VL; {d.name} models need a "
@@ -127,7 +131,7 @@ class Report:
         out = []
         placement = self.decision()[0]
         m = self.model
-        if placement is not None and not placement.on_gpu:
+        if placement is not None and not placement.on_gpu and (self.device or "") != "cpu":
             out.append(f"the model runs on the CPU in {placement.dtype}: expect it to be slow")
         if placement is not None and placement.on_gpu:
             targets = self._targets(placement)
@@ -142,7 +146,7 @@ class Report:
                 hint = "" if spread else "; --device auto spreads it over all GPUs"
                 out.append(f"the weights ({_gib(m.weight_bytes)} on disk) exceed the free "
                            f"memory of {where} ({_gib(sum(free))}){hint}")
-        if m.kind == "hub" and not self.offline and not m.weight_bytes:
+        if m.kind == "hub" and not (self.offline or self.hub_unreachable) and not m.weight_bytes:
             what = "its weights are" if m.config else "it is"
             out.append(f"{m.name}: {what} not in the Hugging Face cache ({self.hub_cache}); "
                        "the first run downloads it from the hub (size unknown here)")
@@ -339,13 +343,18 @@ def gather(model: str | None = None, device: str | None = None) -> Report:
             gpus.append(GPU(i, props.name, int(props.total_memory), free,
                             (props.major, props.minor)))
     cache = hub_cache()
+    info = model_info(model or DEFAULT_MODEL, cache)
+    offline = (_truthy(os.environ.get("HF_HUB_OFFLINE"))
+               or _truthy(os.environ.get("TRANSFORMERS_OFFLINE")))
+    # The same few-second probe the backend makes before it would download.
+    unreachable = (info.kind == "hub" and not info.weight_bytes and not offline
+                   and not hub_reachable())
     return Report(
-        model=model_info(model or DEFAULT_MODEL, cache), machine=machine, gpus=tuple(gpus),
+        model=info, machine=machine, gpus=tuple(gpus), hub_unreachable=unreachable,
         versions=versions, import_errors=errors,
         torch_cuda=torch.version.cuda if torch is not None else None, device=device,
-        offline=_truthy(os.environ.get("HF_HUB_OFFLINE"))
-        or _truthy(os.environ.get("TRANSFORMERS_OFFLINE")),
-        hub_cache=str(cache), cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
+        offline=offline, hub_cache=str(cache),
+        cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
     )
 
 

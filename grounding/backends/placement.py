@@ -70,6 +70,16 @@ class Placement:
         return getattr(torch, self.dtype)
 
 
+def check_device(device: str | None) -> None:
+    """Reject a malformed ``--device`` before anything heavy is imported."""
+    wanted = (device or "").strip().lower()
+    index = wanted.partition(":")[2]
+    if wanted in ("", "cpu", "auto", "cuda") or (
+            wanted.startswith("cuda:") and index.isdigit()):
+        return
+    raise PlacementError(f"--device {device!r}: expected cuda, cuda:N, cpu or auto")
+
+
 def plan(machine: Machine, device: str | None = None, dtype: str | None = None,
          attn_implementation: str | None = None) -> Placement:
     """The placement for ``device`` (None: the first GPU, else the CPU).
@@ -78,6 +88,7 @@ def plan(machine: Machine, device: str | None = None, dtype: str | None = None,
     (fp16 matmuls on CPU are slow or missing). Attention defaults to flash-attention 2 on
     a GPU when flash_attn is installed, else PyTorch's sdpa.
     """
+    check_device(device)
     wanted = (device or "").strip().lower()
     if wanted in ("", "cuda") and machine.cuda_devices:
         wanted = "cuda:0"
