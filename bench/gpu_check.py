@@ -167,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import torch
 
-    from grounding.backends.local import DEFAULT_MODEL, LocalBackend
+    from grounding.backends.local import LocalBackend
+    from grounding.backends.options import DEFAULT_MODEL
     from grounding.core.errors import GroundingError
     from grounding.pipeline.detector import Detector
     from grounding.testing import tiny_checkpoint

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from grounding._version import __version__
-from grounding.backends.local import DEFAULT_MODEL, hub_reachable, looks_like_path
+from grounding.backends.local import hub_reachable, looks_like_path
+from grounding.backends.options import DEFAULT_MODEL
 from grounding.backends.placement import Machine, Placement, PlacementError, plan
 from grounding.core.dialects import Dialect, get_dialect, guess_dialect
 

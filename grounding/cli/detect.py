@@ -7,34 +7,25 @@ from typing import Annotated
 
 import typer
 
+from grounding.cli import options as opt
 from grounding.cli.backend import setup
 from grounding.cli.common import make_query, stderr_console
-from grounding.cli.options import (
-    BACKEND,
-    DETECTION,
-    Classes,
-    DetectionOptions,
-    Ontology,
-    Points,
-    References,
-    with_options,
-)
 
 
-@with_options(detection=DETECTION, backend_options=BACKEND)
+@opt.with_options(detection=opt.DETECTION, backend_options=opt.BACKEND)
 def detect(
     images: Annotated[list[Path], typer.Argument(help="Image files to look at.")],
-    classes: Classes = None,
-    ontology: Ontology = None,
+    classes: opt.Classes = None,
+    ontology: opt.Ontology = None,
     prompt: Annotated[str | None, typer.Option(
         help="A referring expression to locate (\"the red car on the left\"), or with "
              "--classes/--ontology a full prompt replacing the built-in one.")] = None,
-    points: Points = False,
-    reference: References = None,
+    points: opt.Points = False,
+    reference: opt.References = None,
     out: Annotated[Path | None, typer.Option(
         help="Write DIR/<stem>.json and an overlay DIR/<stem>.jpg per image instead of "
              "JSON lines on stdout.")] = None,
-    detection: DetectionOptions | None = None,
+    detection: opt.DetectionOptions | None = None,
     backend_options: dict | None = None,
 ) -> None:
     """Find classes, a referring expression, or points in images.

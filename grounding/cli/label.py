@@ -8,32 +8,23 @@ from typing import Annotated
 
 import typer
 
+from grounding.cli import options as opt
 from grounding.cli.backend import setup
 from grounding.cli.common import fail, make_query, stderr_console
 from grounding.cli.export import export_runs, parse_formats
-from grounding.cli.options import (
-    BACKEND,
-    DETECTION,
-    Classes,
-    DetectionOptions,
-    Ontology,
-    Points,
-    References,
-    with_options,
-)
 from grounding.core.errors import GroundingError
 
 
-@with_options(detection=DETECTION, backend_options=BACKEND)
+@opt.with_options(detection=opt.DETECTION, backend_options=opt.BACKEND)
 def label(
     images_dir: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", help="Run directory (created or resumed).")],
-    classes: Classes = None,
-    ontology: Ontology = None,
+    classes: opt.Classes = None,
+    ontology: opt.Ontology = None,
     prompt: Annotated[str | None, typer.Option(
         help="A full prompt replacing the built-in one for the classes.")] = None,
-    points: Points = False,
-    reference: References = None,
+    points: opt.Points = False,
+    reference: opt.References = None,
     format: Annotated[str | None, typer.Option(
         "--format", help="Datasets to export at the end: coco,yolo,labelstudio.")] = None,
     val_fraction: Annotated[float, typer.Option(help="YOLO export: validation share.")] = 0.2,
@@ -45,7 +36,7 @@ def label(
     ] = False,
     force: Annotated[bool, typer.Option(
         help="Start over if the configuration changed (old files are kept, renamed).")] = False,
-    detection: DetectionOptions | None = None,
+    detection: opt.DetectionOptions | None = None,
     backend_options: dict | None = None,
 ) -> None:
     """Auto-label a folder of images into a run directory, resumably.

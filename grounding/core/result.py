@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from operator import attrgetter
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -52,8 +52,31 @@ def _coords(kind: str, label: str | None, values: Any, n: int) -> tuple[float, .
     return coords
 
 
+class _Located:
+    """The record form shared by Box and Point: label, class, score, attributes and the
+    coordinates under their own names (``bbox``/``model_bbox``, ``point``/``model_point``),
+    in the key order every record has."""
+
+    _where: ClassVar[tuple[str, str]]
+
+    def to_dict(self) -> dict[str, Any]:
+        where, written = self._where
+        raw = getattr(self, written)
+        return {"label": self.label, "class_id": self.class_id,
+                where: list(getattr(self, where)), "score": self.score,
+                "attributes": self.attributes, written: None if raw is None else list(raw)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Any:
+        where, written = cls._where
+        raw = d.get(written)
+        return cls(d[where], d.get("label"), d.get("class_id"), d.get("score"),
+                   dict(d.get("attributes") or {}),
+                   None if raw is None else tuple(float(v) for v in raw))
+
+
 @dataclass
-class Box:
+class Box(_Located):
     """One box. Checked when made (also by :meth:`Result.copy`, :meth:`Result.filter` and
     :meth:`Result.from_record`): 4 finite numbers with x_min <= x_max and y_min <= y_max,
     stored as floats; anything else raises :class:`InvalidResult` (a ValueError)."""
@@ -67,6 +90,7 @@ class Box:
     model_bbox: tuple[float, ...] | None = None
     """The coordinates exactly as the model wrote them, in its own frame, for debugging
     (not checked: any corner order, as written)."""
+    _where: ClassVar[tuple[str, str]] = ("bbox", "model_bbox")
 
     def __post_init__(self) -> None:
         x1, y1, x2, y2 = _coords("box", self.label, self.bbox, 4)
@@ -75,21 +99,9 @@ class Box:
                                 "x_min, y_min, x_max, y_max with min <= max")
         self.bbox = (x1, y1, x2, y2)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "class_id": self.class_id, "bbox": list(self.bbox),
-                "score": self.score, "attributes": self.attributes,
-                "model_bbox": None if self.model_bbox is None else list(self.model_bbox)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Box:
-        mb = d.get("model_bbox")
-        return cls(d["bbox"], d.get("label"), d.get("class_id"),
-                   d.get("score"), dict(d.get("attributes") or {}),
-                   None if mb is None else tuple(float(v) for v in mb))
-
 
 @dataclass
-class Point:
+class Point(_Located):
     """One point: 2 finite numbers (x, y), stored as floats, or :class:`InvalidResult`."""
 
     point: tuple[float, float]
@@ -98,22 +110,11 @@ class Point:
     score: float | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
     model_point: tuple[float, ...] | None = None
+    _where: ClassVar[tuple[str, str]] = ("point", "model_point")
 
     def __post_init__(self) -> None:
         x, y = _coords("point", self.label, self.point, 2)
         self.point = (x, y)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "class_id": self.class_id, "point": list(self.point),
-                "score": self.score, "attributes": self.attributes,
-                "model_point": None if self.model_point is None else list(self.model_point)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Point:
-        mp = d.get("model_point")
-        return cls(d["point"], d.get("label"), d.get("class_id"),
-                   d.get("score"), dict(d.get("attributes") or {}),
-                   None if mp is None else tuple(float(v) for v in mp))
 
 
 def _entries(record: dict[str, Any], key: str, make: Callable[[Any], Any]) -> list[Any]:

@@ -100,7 +100,8 @@ class Detector:
                  verify: bool = False, verify_threshold: float = 0.5,
                  **backend_options) -> None:
         if backend is None or isinstance(backend, str):
-            from grounding.backends.local import DEFAULT_MODEL, LocalBackend
+            from grounding.backends.local import LocalBackend
+            from grounding.backends.options import DEFAULT_MODEL
 
             backend = LocalBackend(backend or DEFAULT_MODEL, **backend_options)
         self.backend = backend
