@@ -182,3 +182,226 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, sig):
     assert len(final) == len(set(final)) == 40
     assert sorted(final) == sorted(names)
     assert final[: len(partial)] == partial  # what was labelled before the kill is kept
+
+
+# -- what grounding wrote is never an input ----------------------------------------------
+
+
+def _grounding_outputs(root: Path) -> None:
+    """A run directory, a COCO and a YOLO export as grounding writes them, inside root."""
+    run = root / "old_run"
+    (run / "export" / "coco" / "images").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"grounding_version": "0.1.0"}))
+    Image.new("RGB", (8, 8)).save(run / "export" / "coco" / "images" / "copy.jpg")
+    coco = root / "datasets" / "coco"
+    (coco / "images").mkdir(parents=True)
+    (coco / "annotations.json").write_text('{"info": {"description": "exported by grounding"}}')
+    Image.new("RGB", (8, 8)).save(coco / "images" / "copy.jpg")
+    yolo = root / "datasets" / "yolo"
+    (yolo / "images" / "train").mkdir(parents=True)
+    (yolo / "data.yaml").write_text("# written by grounding\npath: x\n")
+    Image.new("RGB", (8, 8)).save(yolo / "images" / "train" / "copy.png")
+
+
+def test_find_images_skips_runs_exports_and_the_excluded_directory(tmp_path):
+    names = make_images(tmp_path, 6)
+    _grounding_outputs(tmp_path)
+    current = tmp_path / "part1" / "current_run"
+    current.mkdir()
+    Image.new("RGB", (8, 8)).save(current / "not_an_input.jpg")
+    # Folders that only look like grounding's are the user's: their images are inputs.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "run.json").write_text('{"something": "else"}')
+    (mine / "data.yaml").write_text("path: x\n")
+    Image.new("RGB", (8, 8)).save(mine / "keep.jpg")
+    found = list(find_images(tmp_path, [current]))
+    assert sorted(found) == sorted([*names, "mine/keep.jpg"])
+    assert "part1/current_run/not_an_input.jpg" in find_images(tmp_path)  # not excluded
+    # The images folder itself is what the user asked for, even when it is a run.
+    assert list(find_images(tmp_path / "old_run" / "export" / "coco")) == ["images/copy.jpg"]
+
+
+def test_a_run_inside_the_images_folder_never_labels_its_own_exports(tmp_path):
+    from grounding.formats import export_coco, export_yolo
+
+    images = tmp_path / "photos"
+    make_images(images, 6)
+    run = RunDir(images / "run")
+    for _ in range(2):
+        summary = run_label(images, run.path)
+        config = run.config()
+        for fmt, export in (("coco", export_coco), ("yolo", export_yolo)):
+            export(run.records(), Path(config["images_dir"]), config["classes"],
+                   run.path / "export" / fmt, min_score=None, copy=False, overwrite=True)
+    assert summary["images"] == 6 and summary["session"]["labelled"] == 0
+    assert sorted(r["image"] for r in run.records()) == sorted(find_images(images, [run.path]))
+
+
+def test_an_empty_mistyped_or_missing_folder_is_an_error_and_creates_nothing(tmp_path):
+    from grounding.runs.labeling import NoImagesError
+
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "notes.txt").write_text("no image")
+    with pytest.raises(NoImagesError, match=r"no images in .*empty: looked for .*\.jpg"):
+        run_label(tmp_path / "empty", tmp_path / "run")
+    with pytest.raises(NoImagesError, match="no such folder"):
+        run_label(tmp_path / "nope", tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+# -- errors.jsonl: the images failing now -------------------------------------------------
+
+
+def test_errors_jsonl_lists_each_image_failing_now_once(tmp_path):
+    images = tmp_path / "images"
+    make_images(images, 4, bad=2)
+    out = tmp_path / "run"
+    run = RunDir(out)
+    run_label(images, out)
+    run_label(images, out, retry_errors=True)  # both fail again
+    Image.new("RGB", (40, 30)).save(images / "broken0.jpg")  # fixed
+    summary = run_label(images, out, retry_errors=True)
+    errors = list(read_jsonl(run.errors))
+    assert [e["image"] for e in errors] == ["broken1.jpg"]
+    assert errors[0]["attempts"] == 3 and "not an image" in errors[0]["error"]
+    assert summary["errors"] == len(errors) == 1
+    assert json.loads(run.summary_json.read_text())["errors"] == 1
+    history = [e["image"] for e in read_jsonl(run.errors_history)]
+    assert sorted(history) == ["broken0.jpg"] * 2 + ["broken1.jpg"] * 3
+    # Without --retry-errors the failing image is left alone, and still listed.
+    again = run_label(images, out)
+    assert again["session"]["labelled"] == 0 and again["errors"] == 1
+    assert [e["image"] for e in read_jsonl(run.errors)] == ["broken1.jpg"]
+
+
+def test_a_run_from_before_errors_history_keeps_its_errors(tmp_path):
+    images = tmp_path / "images"
+    make_images(images, 3, bad=1)
+    out = tmp_path / "run"
+    run_label(images, out)
+    run = RunDir(out)
+    # The old layout: errors.jsonl appended to on every failure, no history file.
+    old = [{"image": "broken0.jpg", "error": "cannot load image: not an image", "time": t}
+           for t in ("2024-01-01T00:00:00", "2024-01-02T00:00:00")]
+    run.errors.write_text("".join(json.dumps(e) + "\n" for e in old))
+    run.errors_history.unlink()
+    summary = run_label(images, out)
+    assert summary["errors"] == 1
+    (entry,) = read_jsonl(run.errors)
+    assert entry["image"] == "broken0.jpg" and entry["attempts"] == 2
+    assert list(read_jsonl(run.errors_history)) == old
+
+
+# -- a server that cannot be reached ---------------------------------------------------------
+
+
+def _cannot_connect(flag: bool | None = True) -> Exception:
+    """What the remote backend returns when nothing listens (flag: RemoteError.connection;
+    None: an error without that attribute, read from its message)."""
+    from grounding.backends.remote import RemoteError
+
+    error = RemoteError("POST /chat/completions: cannot connect to http://127.0.0.1:9: "
+                        "connection refused (gave up after 3 attempts)")
+    if flag is None:
+        if hasattr(error, "connection"):
+            del error.connection
+    else:
+        error.connection = flag
+    return error
+
+
+class DownBackend(StaticBackend):
+    """A server backend whose requests fail to connect: all of them, or those after the
+    first ``answer_first``; counts the requests it was given."""
+
+    base_url = "http://127.0.0.1:9/v1"
+
+    def __init__(self, *, answer_first: int = 0, error=_cannot_connect, **kw) -> None:
+        super().__init__(label="cat", **kw)
+        self.answer_first = answer_first
+        self.error = error
+        self.requests = 0
+
+    def generate(self, requests: list) -> list:
+        out = []
+        for answer in super().generate(requests):
+            self.requests += 1
+            out.append(answer if self.requests <= self.answer_first else self.error())
+        return out
+
+
+@pytest.mark.parametrize("flag", [True, None], ids=["connection-flag", "message"])
+def test_a_server_that_cannot_be_reached_stops_the_run_early(tmp_path, flag):
+    from grounding.runs.reach import FIRST_REQUESTS, ServerUnreachable
+
+    images = tmp_path / "images"
+    make_images(images, 30, bad=1)
+    backend = DownBackend(error=lambda: _cannot_connect(flag))
+    det = Detector(backend, batch_size=1)
+    seen = []
+    stop = (r"^cannot reach http://127\.0\.0\.1:9/v1: connection refused \(the first \d+ "
+            r"requests could not connect; nothing was recorded\)$")
+    with pytest.raises(ServerUnreachable, match=stop):
+        label(det, Query.make(["cat"]), images, RunDir(tmp_path / "run"),
+              on_progress=seen.append)
+    assert backend.requests < 30 and backend.requests <= FIRST_REQUESTS + 8  # window ahead
+    run = RunDir(tmp_path / "run")
+    assert list(read_jsonl(run.errors)) == [] and list(run.records()) == []
+    assert all(p.done == 0 for p in seen)  # nothing was recorded, not even the broken file
+    # When the server is up, the same command labels everything.
+    up = Detector(DownBackend(answer_first=10**6), batch_size=1)
+    summary = label(up, Query.make(["cat"]), images, RunDir(tmp_path / "run"))
+    assert summary["images"] == 30 and summary["errors"] == 1
+
+
+def test_a_small_run_whose_every_request_cannot_connect_is_stopped_too(tmp_path):
+    from grounding.runs.reach import ServerUnreachable
+
+    images = tmp_path / "images"
+    make_images(images, 2)
+    with pytest.raises(ServerUnreachable, match="the first 2 requests could not connect"):
+        label(Detector(DownBackend()), Query.make(["cat"]), images, RunDir(tmp_path / "run"))
+
+
+def test_connection_failures_after_the_server_answered_are_recorded(tmp_path):
+    images = tmp_path / "images"
+    make_images(images, 12)
+    backend = DownBackend(answer_first=2)
+    summary = label(Detector(backend, batch_size=1), Query.make(["cat"]), images,
+                    RunDir(tmp_path / "run"))
+    assert summary["images"] == 2 and summary["errors"] == 10
+    errors = list(read_jsonl(RunDir(tmp_path / "run").errors))
+    assert len(errors) == 10 and all("connection refused" in e["error"] for e in errors)
+
+
+def test_failures_from_a_server_that_answered_are_recorded_not_a_stop(tmp_path):
+    from grounding.backends.remote import RemoteError
+
+    images = tmp_path / "images"
+    make_images(images, 6)
+    backend = DownBackend(error=lambda: RemoteError("POST failed with HTTP 404: not found",
+                                                    404))
+    summary = label(Detector(backend, batch_size=1), Query.make(["cat"]), images,
+                    RunDir(tmp_path / "run"))
+    assert summary["errors"] == 6 and backend.requests == 6
+
+
+def test_what_counts_as_a_failure_to_connect():
+    from grounding.backends.remote import RemoteError
+    from grounding.runs.reach import connection_failure, reason
+
+    assert connection_failure(_cannot_connect(True))
+    assert connection_failure(_cannot_connect(None))  # read from the message
+    assert not connection_failure(_cannot_connect(False))  # the flag is believed
+    answered = RemoteError("cannot connect to http://x: connection refused", 502)
+    assert not connection_failure(answered)  # the server answered with a status
+    timeout = RemoteError("POST /chat/completions: no answer from http://x:80 after 120 s "
+                          "(timed out)")
+    if hasattr(timeout, "connection"):
+        del timeout.connection
+    assert not connection_failure(timeout)
+    assert not connection_failure(RuntimeError("cannot connect"))
+    assert reason(_cannot_connect()) == "connection refused"
+    assert reason(RemoteError("cannot connect to http://h:1: host not found (x)")) == (
+        "host not found (x)")

@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
 from grounding._version import __version__
 from grounding.cli.ask import ask
+from grounding.cli.common import EXIT_STATUS
 from grounding.cli.detect import detect
 from grounding.cli.doctor import doctor
 from grounding.cli.evaluate import evaluate_cmd
@@ -16,8 +18,28 @@ from grounding.cli.export import export
 from grounding.cli.label import label
 from grounding.cli.parse import parse
 
+
+class _FlagHelp:
+    """--help is a switch: typer's rich help would show it as ``--help <bool>``."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class Command(_FlagHelp, TyperCommand):
+    pass
+
+
+class Group(_FlagHelp, TyperGroup):
+    pass
+
+
 app = typer.Typer(
     name="grounding",
+    cls=Group,
     help="Turn vision-language models into object detectors and auto-labelers.",
     no_args_is_help=True,
     add_completion=False,
@@ -34,15 +56,16 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print the version and exit.")] = False,
+                                          metavar="", help="Print the version and exit.")
+                       ] = False,
 ) -> None:
     """Turn vision-language models into object detectors and auto-labelers."""
 
 
-app.command()(parse)
-app.command()(detect)
-app.command()(ask)
-app.command()(label)
-app.command()(export)
-app.command(name="eval")(evaluate_cmd)
-app.command()(doctor)
+app.command(cls=Command)(parse)
+app.command(cls=Command, epilog=EXIT_STATUS)(detect)
+app.command(cls=Command)(ask)
+app.command(cls=Command, epilog=EXIT_STATUS)(label)
+app.command(cls=Command)(export)
+app.command(cls=Command, name="eval")(evaluate_cmd)
+app.command(cls=Command)(doctor)

@@ -53,23 +53,20 @@ def ask(
     from rich.table import Table
     from rich.text import Text
 
-    from grounding.core.result import Result
     from grounding.io.images import load_image
-    from grounding.io.records import pick_record, read_records
-    from grounding.pipeline.qa import ask_with_answers, first_object
+    from grounding.io.records import read_records
+    from grounding.pipeline.qa import ask_with_answers, first_object, result_for_image
 
     if about not in ("each", "all"):
         raise typer.BadParameter("expected each or all", param_hint="--about")
     try:
-        record = pick_record(read_records(detections), image, str(detections))
-        result = Result.from_record(record)
-        if result.error:
-            raise GroundingError(f"the record of {image} is an error: {result.error}")
+        result = result_for_image(read_records(detections), image, detections)
         picture = load_image(image)
-        if result.image_size is not None and picture.size != result.image_size:
+        if picture.size != result.image_size:
             raise GroundingError(
                 f"{image} is {picture.width}x{picture.height} but the record is for "
-                f"{result.width}x{result.height}: is it the image the detections were made on?")
+                f"{result.width}x{result.height} ({detections}): is it the image the "
+                "detections were made on?")
     except GroundingError as exc:
         fail(exc)
     if not question.strip():

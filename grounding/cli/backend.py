@@ -11,27 +11,64 @@ import typer
 from grounding.backends.options import BACKENDS, LocalOptions
 from grounding.cli.common import fail
 from grounding.cli.options import cli_names
-from grounding.core.errors import GroundingError
+from grounding.core.errors import GeometryError, GroundingError
+
+
+def check_budget(min_pixels: int | None, max_pixels: int | None, dialect: Any = None) -> None:
+    """Raise GeometryError (one line) for a pixel budget no image can be sent under:
+    a negative --min-pixels, --max-pixels under one pixel or under --min-pixels, or (with
+    the dialect known) --max-pixels below the dialect's smallest model frame (factor x
+    factor pixels)."""
+    if min_pixels is not None and min_pixels < 0:
+        raise GeometryError(f"--min-pixels {min_pixels} is negative")
+    if max_pixels is not None and max_pixels < 1:
+        raise GeometryError(f"--max-pixels {max_pixels}: give at least 1 pixel")
+    if min_pixels is not None and max_pixels is not None and min_pixels > max_pixels:
+        raise GeometryError(f"--min-pixels {min_pixels} is above --max-pixels {max_pixels}")
+    if dialect is None or max_pixels is None:
+        return
+    from grounding.core.dialects import get_dialect
+
+    d = get_dialect(dialect)
+    if d.factor and d.fixed_size is None and max_pixels < d.factor * d.factor:
+        raise GeometryError(
+            f"--max-pixels {max_pixels} is below the smallest model frame of {d.name} "
+            f"({d.factor}x{d.factor} = {d.factor * d.factor} pixels)")
 
 
 def make_backend(kind: str, *, max_new_tokens: int, json_schema: bool, **options: Any):
     """The backend the command-line options describe: ``options`` are the backend
-    options by parameter name (grounding.cli.options.BACKEND), --backend aside."""
+    options by parameter name (grounding.cli.options.BACKEND), --backend aside. The pixel
+    budget is checked before the backend is built (and, once the backend knows its
+    dialect, against that dialect's smallest frame), so a budget no image fits is one
+    error up front, not one per image."""
     if kind not in BACKENDS:
         raise typer.BadParameter("expected local or openai", param_hint="--backend")
     values = {**options, "max_new_tokens": max_new_tokens, "json_schema": json_schema}
     settings = {field: values[name] for name, field in cli_names(BACKENDS[kind]).items()}
+    check_budget(settings["min_pixels"], settings["max_pixels"], settings["dialect"])
     if kind == "local":
         from grounding.backends.local import LocalBackend
 
         settings["model"] = settings["model"] or LocalOptions.model
-        return LocalBackend(**settings)
-    if not settings["base_url"]:
-        raise typer.BadParameter("--backend openai needs --base-url", param_hint="--base-url")
-    settings["headers"] = _headers(settings["headers"])
-    from grounding.backends.remote import OpenAIBackend
+        backend = LocalBackend(**settings)
+    else:
+        if not settings["base_url"]:
+            raise typer.BadParameter("--backend openai needs --base-url",
+                                     param_hint="--base-url")
+        settings["headers"] = _headers(settings["headers"])
+        from grounding.backends.remote import OpenAIBackend
 
-    return OpenAIBackend(**settings)
+        backend = OpenAIBackend(**settings)
+    try:
+        check_budget(getattr(backend, "min_pixels", None), getattr(backend, "max_pixels", None),
+                     backend.dialect)
+    except GeometryError:
+        close = getattr(backend, "close", None)
+        if close is not None:
+            close()
+        raise
+    return backend
 
 
 def _headers(items: list[str] | None) -> dict[str, str]:
@@ -68,6 +105,9 @@ def setup(options: dict, classes: str | None, ontology: Path | None, prompt: str
         raise typer.BadParameter("give --classes or --ontology")
     if classes is None and ontology is None and prompt is None:
         raise typer.BadParameter("give --classes, --ontology or --prompt")
+    if classes is not None and not any(c.strip() for c in classes.split(",")):
+        fail(f"--classes {classes!r} names no class: give them comma-separated, e.g. "
+             '--classes "person,car"')
     try:
         mapping = load_ontology(ontology) if ontology is not None else None
     except GroundingError as exc:

@@ -1,5 +1,5 @@
-"""What the commands share beyond their options: failing with one line, the console for
-progress, the query of the commands that run a model."""
+"""What the commands share beyond their options: failing with one line, the exit
+status, the console for progress, the query of the commands that run a model."""
 
 from __future__ import annotations
 
@@ -9,6 +9,12 @@ from typing import NoReturn
 import typer
 
 from grounding.core.errors import GroundingError
+
+EXIT_STATUS = ("Exit status: 0 every image done; 1 some images failed (their records say "
+               "why; label lists them in errors.jsonl); 2 nothing could start (a bad option, "
+               "no model, a server that cannot be reached, no images); 130 interrupted.")
+"""The exit status of the commands that run a model over images (detect, label): their
+--help epilog, and README's table."""
 
 
 def fail(message: object, code: int = 2) -> NoReturn:
@@ -23,6 +29,12 @@ def stderr_console():
     return Console(stderr=True)
 
 
+def check_out_dir(out: Path | None, option: str = "--out") -> None:
+    """Exit 2 with one line when ``out`` exists and is not a directory."""
+    if out is not None and out.exists() and not out.is_dir():
+        fail(f"{option} {out} is a file, not a directory")
+
+
 def make_query(wanted, prompt: str | None, *, points: bool, system: str | None,
                references: list[Path] | None):
     """The Query of a command's options; exits 2 with one line on a bad reference image."""
@@ -33,3 +45,5 @@ def make_query(wanted, prompt: str | None, *, points: bool, system: str | None,
                           references=[str(p) for p in references or []])
     except GroundingError as exc:
         fail(f"reference image {exc}")
+    except ValueError as exc:  # an ontology naming no class
+        fail(exc)

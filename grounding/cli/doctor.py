@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from grounding.backends.options import DEFAULT_MODEL
+from grounding.cli.options import flag
 
 
 def doctor(
@@ -16,8 +17,7 @@ def doctor(
     device: Annotated[str | None, typer.Option(
         help="The --device to check: cuda, cuda:N, cpu or auto (default: the backend's "
              "choice).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead.")
-    ] = False,
+    as_json: Annotated[bool, flag("--json", help="Print one JSON object instead.")] = False,
 ) -> None:
     """Check, before a long run, that the local backend can run here and how.
 

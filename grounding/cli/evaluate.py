@@ -11,6 +11,9 @@ import typer
 from grounding.cli.common import fail
 from grounding.core.errors import GroundingError
 
+SHOWN_WARNINGS = 5
+"""How many reasons for left-out ground-truth entries are printed (all are counted)."""
+
 
 def evaluate_cmd(
     run_dir: Annotated[Path, typer.Argument(help="A label run directory.")],
@@ -22,17 +25,46 @@ def evaluate_cmd(
 
     Label a sample with each candidate prompt, model or pixel budget, evaluate each run
     against a small hand-labelled set, and keep the best before labelling everything.
+    Ground-truth entries left out as malformed are listed on stderr; a ground truth with
+    no images or no annotations is an error.
     """
+    from grounding.core.result import InvalidResult
+    from grounding.formats.dataset import DatasetError
     from grounding.formats.evaluate import evaluate
     from grounding.runs.rundir import RunDir
 
     run = RunDir(run_dir)
     try:
         config = run.config()
+    except GroundingError as exc:
+        fail(exc)
+    if not isinstance(config, dict) or not config.get("images_dir"):
+        fail(f"{run.run_json} has no images_dir: is {run_dir} a grounding label run?")
+    if not gt.exists():
+        fail(f"ground truth {gt}: no such file or folder")
+    try:
         report = evaluate(run.records(), config.get("classes") or [], gt,
                           images_root=Path(config["images_dir"]))
-    except (GroundingError, OSError, ValueError) as exc:
+    except DatasetError as exc:  # names the ground-truth file
         fail(exc)
+    except InvalidResult as exc:  # names the record's image
+        fail(f"{run.predictions}: {exc}")
+    except OSError as exc:
+        fail(f"{exc.filename or gt}: {exc.strerror or exc}")
+    except (GroundingError, ValueError) as exc:
+        fail(f"eval of {run_dir} against {gt}: {exc}")
+    if report.gt_skipped:
+        n = report.gt_skipped
+        typer.echo(f"warning: {gt}: {n} ground-truth {'entry' if n == 1 else 'entries'} "
+                   "left out as malformed:", err=True)
+        for line in report.gt_warnings[:SHOWN_WARNINGS]:
+            typer.echo(f"  {line}", err=True)
+        if n > SHOWN_WARNINGS:
+            typer.echo(f"  ... and {n - SHOWN_WARNINGS} more", err=True)
+    if not report.images_matched:
+        typer.echo(f"warning: no record of {run_dir} matched an image of {gt}: nothing was "
+                   "scored" + (f" (e.g. {report.examples[0]})" if report.examples else ""),
+                   err=True)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -28,9 +28,11 @@ def parse_formats(text: str | None) -> list[str]:
 
 
 def export_runs(run_dirs: list[Path], fmt: str, out: Path, *, min_score: float | None,
-                copy: bool, val_fraction: float, seed: int, overwrite: bool) -> None:
+                copy: bool, val_fraction: float, seed: int, overwrite: bool,
+                url_prefix: str | None = None) -> None:
     """Export the records of ``run_dirs`` (shards of one run) as ``fmt`` into ``out``."""
-    from grounding.formats import export_coco, export_labelstudio, export_yolo
+    from grounding.formats import ExportExists, export_coco, export_labelstudio, export_yolo
+    from grounding.formats.labelstudio import LOCAL_FILES_PREFIX
     from grounding.runs.rundir import RunDir
 
     runs = [RunDir(p) for p in run_dirs]
@@ -58,7 +60,11 @@ def export_runs(run_dirs: list[Path], fmt: str, out: Path, *, min_score: float |
             stats = export_yolo(records(), root, classes, out, val_fraction=val_fraction,
                                 seed=seed, min_score=min_score, copy=copy, overwrite=overwrite)
         else:
-            stats = export_labelstudio(records(), root, classes, out, min_score=min_score)
+            stats = export_labelstudio(
+                records(), root, classes, out, min_score=min_score, overwrite=overwrite,
+                url_prefix=LOCAL_FILES_PREFIX if url_prefix is None else url_prefix)
+    except ExportExists as exc:
+        fail(f"{fmt} export to {out}: {exc.path} {exc.what}; pass --overwrite to replace it")
     except (FileExistsError, ValueError, OSError) as exc:
         fail(f"{fmt} export to {out}: {exc}")
     counts = {k: v for k, v in stats.to_dict().items() if v and k != "skipped"}
@@ -79,13 +85,25 @@ def export(
     ] = False,
     val_fraction: Annotated[float, typer.Option(help="YOLO: validation share.")] = 0.2,
     seed: Annotated[int, typer.Option(help="YOLO: split seed.")] = 0,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace a previous export in --out (its images/ and labels/ "
+                            "folders, or tasks.json); never the source images.")] = False,
+    url_prefix: Annotated[str | None, typer.Option(
+        help="Label Studio: what goes before each image's path under the images folder in "
+             "the task URLs. Default /data/local-files/?d= (Label Studio serving local "
+             "files with LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT = the images folder); "
+             "e.g. /data/local-files/?d=photos/ when the document root is the folder "
+             "above, or http://host:8081/ for a file server.")] = None,
 ) -> None:
     """Build a COCO, YOLO or Label Studio dataset from one or more label runs."""
     names = parse_formats(format)
     if len(names) != 1:
         raise typer.BadParameter("give one format", param_hint="--format")
+    if url_prefix is not None and names[0] != "labelstudio":
+        raise typer.BadParameter("only for --format labelstudio", param_hint="--url-prefix")
     # RUN_DIR/export/FORMAT belongs to grounding and is rebuilt; a folder of the user's
-    # (--out) must be empty, so an export never mixes into an existing dataset.
+    # (--out) must be empty, so an export never mixes into an existing dataset, unless
+    # --overwrite says to replace what a previous export left there.
     export_runs(run_dirs, names[0], out or run_dirs[0] / "export" / names[0],
                 min_score=min_score, copy=copy, val_fraction=val_fraction, seed=seed,
-                overwrite=out is None)
+                overwrite=overwrite or out is None, url_prefix=url_prefix)

@@ -10,14 +10,16 @@ import typer
 
 from grounding.cli import options as opt
 from grounding.cli.backend import setup
-from grounding.cli.common import fail, make_query, stderr_console
+from grounding.cli.common import check_out_dir, fail, make_query, stderr_console
 from grounding.cli.export import export_runs, parse_formats
 from grounding.core.errors import GroundingError
 
 
 @opt.with_options(detection=opt.DETECTION, backend_options=opt.BACKEND)
 def label(
-    images_dir: Annotated[Path, typer.Argument(help="Folder of images (searched recursively).")],
+    images_dir: Annotated[Path, typer.Argument(
+        help="Folder of images (searched recursively; grounding's own output in it is "
+             "skipped).")],
     out: Annotated[Path, typer.Option("--out", help="Run directory (created or resumed).")],
     classes: opt.Classes = None,
     ontology: opt.Ontology = None,
@@ -32,22 +34,25 @@ def label(
     shard: Annotated[str | None, typer.Option(
         help="Label only shard I of N (I/N, e.g. 0/4): a deterministic share of the images, "
              "for N machines into N run directories that `grounding export` merges.")] = None,
-    retry_errors: Annotated[bool, typer.Option(help="Try the images that failed again.")
-    ] = False,
-    force: Annotated[bool, typer.Option(
-        help="Start over if the configuration changed (old files are kept, renamed).")] = False,
+    retry_errors: Annotated[bool, opt.flag(
+        "--retry-errors", help="Try the images that failed again.")] = False,
+    force: Annotated[bool, opt.flag(
+        "--force", help="Start over if the configuration changed (old files are kept, "
+                        "renamed).")] = False,
     detection: opt.DetectionOptions | None = None,
     backend_options: dict | None = None,
 ) -> None:
     """Auto-label a folder of images into a run directory, resumably.
 
     Writes RUN_DIR/predictions.jsonl (one record per image, flushed as results arrive),
-    RUN_DIR/errors.jsonl (images that failed, with the cause), RUN_DIR/run.json (the
-    exact configuration) and RUN_DIR/summary.json. Run the same command again after a
-    crash, Ctrl-C or kill -9: only what is missing is labelled.
+    RUN_DIR/errors.jsonl (the images failing now, one line each with the cause; every
+    failure is kept in errors.history.jsonl), RUN_DIR/run.json (the exact configuration)
+    and RUN_DIR/summary.json. Run the same command again after a crash, Ctrl-C or kill
+    -9: only what is missing is labelled. The run directory, other runs and exported
+    datasets inside the images folder are never labelled. A server that cannot be
+    reached stops the run at its first requests, recording nothing.
     """
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
+    from grounding.runs.labeling import NoImagesError, check_images_dir
     from grounding.runs.labeling import label as run_label
     from grounding.runs.rundir import RunDir, parse_shard
 
@@ -56,8 +61,11 @@ def label(
         shard_ix = parse_shard(shard)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--shard") from None
-    if not images_dir.is_dir():
-        raise typer.BadParameter(f"{images_dir} is not a directory", param_hint="IMAGES_DIR")
+    check_out_dir(out)
+    try:  # before the model is loaded: a mistyped folder costs one line, not a load
+        check_images_dir(images_dir, [out])
+    except NoImagesError as exc:
+        fail(exc)
     engine, wanted, mapping = setup(backend_options, classes, ontology, prompt,
                                     max_new_tokens=detection.max_new_tokens,
                                     json_schema=detection.json_schema, need_classes=True)
@@ -65,32 +73,57 @@ def label(
     query = make_query(wanted, prompt, points=points, system=detection.system,
                        references=reference)
     run = RunDir(out)
-    columns = (TextColumn("{task.description}"), BarColumn(),
-               TextColumn("{task.completed}/{task.total}"),
-               TextColumn("{task.fields[rate]:.1f} img/s"),
-               TextColumn("{task.fields[objects]} objects"),
-               TextColumn("{task.fields[errors]} errors"), TimeRemainingColumn())
-    with Progress(*columns, console=stderr_console()) as bar:
-        task = bar.add_task("labelling", total=None, rate=0.0, objects=0, errors=0)
-
-        def show(p) -> None:
-            bar.update(task, total=p.total, completed=p.done, rate=p.rate,
-                       objects=p.objects, errors=p.errors)
-
-        try:
-            summary = run_label(detector, query, images_dir, run, shard=shard_ix,
-                                retry_errors=retry_errors, force=force, ontology=mapping,
-                                on_progress=show)
-        except KeyboardInterrupt:
-            typer.echo(f"interrupted: everything finished is in {run.predictions}; run the "
-                       "same command to go on", err=True)
-            raise typer.Exit(130) from None
-        except GroundingError as exc:
-            fail(exc)
+    progress = LabelProgress()
+    try:
+        summary = run_label(detector, query, images_dir, run, shard=shard_ix,
+                            retry_errors=retry_errors, force=force, ontology=mapping,
+                            on_progress=progress.show)
+    except KeyboardInterrupt:
+        progress.stop()
+        typer.echo(f"interrupted: everything finished is in {run.predictions}; run the "
+                   "same command to go on", err=True)
+        raise typer.Exit(130) from None
+    except (GroundingError, OSError) as exc:  # a changed configuration, no images, no server
+        progress.stop()
+        fail(exc)
+    finally:
+        progress.stop()
     typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
     for name in formats:
         export_runs([out], name, out / "export" / name, min_score=None, copy=False,
                     val_fraction=val_fraction, seed=seed, overwrite=True)
-    if summary["session"]["errors"]:
-        typer.echo(f"note: {summary['session']['errors']} images failed; see "
-                   f"{run.errors} (--retry-errors tries them again)", err=True)
+    failing, session = summary["errors"], summary["session"]["errors"]
+    if failing:
+        typer.echo(f"error: {failing} images of this run failed ({session} in this session); "
+                   f"see {run.errors} (--retry-errors tries them again)", err=True)
+        raise typer.Exit(1)
+
+
+class LabelProgress:
+    """The progress bar of a label run, started by the run's first progress report (so
+    a run refused before it starts prints no bar)."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.task = None
+
+    def show(self, p) -> None:
+        if self.bar is None:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            columns = (TextColumn("{task.description}"), BarColumn(),
+                       TextColumn("{task.completed}/{task.total}"),
+                       TextColumn("{task.fields[rate]:.1f} img/s"),
+                       TextColumn("{task.fields[objects]} objects"),
+                       TextColumn("{task.fields[errors]} errors"), TimeRemainingColumn())
+            self.bar = Progress(*columns, console=stderr_console())
+            self.bar.start()
+            self.task = self.bar.add_task("labelling", total=p.total, rate=0.0, objects=0,
+                                          errors=0)
+        self.bar.update(self.task, total=p.total, completed=p.done, rate=p.rate,
+                        objects=p.objects, errors=p.errors)
+
+    def stop(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None

@@ -30,6 +30,12 @@ Option = tuple[str, Any, Any]
 """A command-line option as a command parameter: (name, Annotated type, default)."""
 
 
+def flag(*names: str, help: str) -> Any:
+    """A boolean option: ``--name`` alone means true (``--name/--no-name`` for both), no
+    value follows it, and --help shows none (typer's rich help would show ``<bool>``)."""
+    return typer.Option(*names, help=help, metavar="")
+
+
 def field_option(cls: type[BackendOptions], name: str) -> Option:
     """The option of field ``name`` of a backend's options: its help (prefixed with the
     backend's --backend value when the field is that backend's own), range, name, type
@@ -38,7 +44,10 @@ def field_option(cls: type[BackendOptions], name: str) -> Option:
     meta = field.metadata
     prefix = f"{cls.kind}: " if cls.kind and field in own_fields(cls) else ""
     kind = meta["cli_type"] or get_type_hints(cls)[name]
-    option = typer.Option(help=prefix + meta["help"], min=meta["min"], max=meta["max"])
+    if kind is bool:
+        option = flag(help=prefix + meta["help"])
+    else:
+        option = typer.Option(help=prefix + meta["help"], min=meta["min"], max=meta["max"])
     return meta["flag"] or name, Annotated[kind, option], field.default
 
 
@@ -106,7 +115,7 @@ Classes = Annotated[str | None, typer.Option(
     help='Comma-separated classes to find, e.g. "person,car".')]
 Ontology = Annotated[Path | None, typer.Option(
     help='JSON file mapping prompt phrases to class names: {"pedestrian": "person"}.')]
-Points = Annotated[bool, typer.Option("--points", help="Ask for points, not boxes.")]
+Points = Annotated[bool, flag("--points", help="Ask for points, not boxes.")]
 References = Annotated[list[Path] | None, typer.Option(
     "--reference", help="An example image shown before every image in the same message "
                         "(repeatable): find more like it. Coordinates still refer to each "
@@ -135,7 +144,7 @@ class DetectionOptions:
     min_score: Annotated[float | None, typer.Option(
         help="Drop boxes and points scored below this (token log-probability rule, see "
              "README; unscored ones are kept).")] = None
-    verify: Annotated[bool, typer.Option(
+    verify: Annotated[bool, flag(
         "--verify", help='Ask the model about every box "Is this a LABEL? Answer yes or no." '
                          "(a crop with context, one token) and drop the boxes it doubts; the "
                          "score is kept as attributes.verify_score (see README).")] = False

@@ -6,16 +6,18 @@ import hashlib
 import json
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from grounding._version import __version__
 from grounding.backends.options import label_settings
+from grounding.core.errors import GroundingError
 from grounding.io.records import JsonlWriter, read_jsonl
 from grounding.pipeline.detector import Detector, Query
-from grounding.runs.rundir import RunDir, find_images, in_shard
+from grounding.runs.reach import ReachWatch
+from grounding.runs.rundir import RunDir, describe_extensions, find_images, in_shard
 
 
 @dataclass
@@ -70,10 +72,28 @@ def _references(query: Query) -> list[str] | None:
             for name, image in zip(query.reference_names, query.references, strict=True)]
 
 
-def pending_images(images_dir: Path, shard: tuple[int, int], skip: set[str]) -> Iterator[str]:
-    for relative in find_images(images_dir):
+class NoImagesError(GroundingError):
+    """The images folder holds no image (or does not exist)."""
+
+
+def pending_images(images_dir: Path, shard: tuple[int, int], skip: set[str],
+                   exclude: Iterable[str | Path] = ()) -> Iterator[str]:
+    for relative in find_images(images_dir, exclude):
         if in_shard(relative, *shard) and relative not in skip:
             yield relative
+
+
+def check_images_dir(images_dir: Path, exclude: Iterable[str | Path] = ()) -> None:
+    """Raise NoImagesError, with one line naming the folder (and what was looked for),
+    when ``images_dir`` is not a folder or holds no image; grounding's own output in it
+    (``exclude``: the run directory; see find_images) does not count."""
+    images_dir = Path(images_dir)
+    if not images_dir.exists():
+        raise NoImagesError(f"{images_dir}: no such folder")
+    if not images_dir.is_dir():
+        raise NoImagesError(f"{images_dir} is not a folder")
+    if next(find_images(images_dir, exclude), None) is None:
+        raise NoImagesError(f"no images in {images_dir}: looked for {describe_extensions()}")
 
 
 def label(
@@ -90,28 +110,38 @@ def label(
 ) -> dict[str, Any]:
     """Label every image of ``images_dir`` (this shard) not yet in the run; return the
     summary (also written to summary.json). Ctrl-C stops cleanly: every finished image is
-    on disk, and running again goes on from there."""
+    on disk, and running again goes on from there.
+
+    Raises NoImagesError when the folder holds no image (nothing is created),
+    RunConfigError when the run was made with another configuration, and
+    ServerUnreachable when the first requests could not connect to the server at all
+    (grounding.runs.reach: nothing is recorded; run again when the server is up). Failed
+    images are appended to errors.history.jsonl as they come; errors.jsonl is rewritten at
+    the end of the session as the images failing now. ``on_progress`` is first called
+    once the run has started (its configuration accepted, its images counted)."""
     images_dir = Path(images_dir)
-    if not images_dir.is_dir():
-        raise NotADirectoryError(f"{images_dir} is not a directory")
+    check_images_dir(images_dir, [run.path])
     run.start(run_config(detector, query, images_dir, shard, ontology), force=force)
     done = run.done()
     skip = done if retry_errors else done | run.failed(done)
-    progress = Progress(total=sum(1 for _ in pending_images(images_dir, shard, skip)))
+    exclude = [run.path]
+    progress = Progress(total=sum(1 for _ in pending_images(images_dir, shard, skip, exclude)))
     if on_progress:
         on_progress(progress)
     order: deque[str] = deque()
 
     def paths() -> Iterator[str]:
-        for relative in pending_images(images_dir, shard, skip):
+        for relative in pending_images(images_dir, shard, skip, exclude):
             order.append(relative)
             yield str(images_dir / relative)
 
+    watch = ReachWatch(detector.backend)
+    results = watch.guard(watch.watching(detector).detect_query(paths(), query))
     predictions = JsonlWriter(run.predictions)
-    errors = JsonlWriter(run.errors)
+    errors = JsonlWriter(run.errors_history)
     interrupted = False
     try:
-        for result in detector.detect_query(paths(), query):
+        for result in results:
             relative = order.popleft()
             result.image = relative
             if result.error:
@@ -127,8 +157,10 @@ def label(
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        results.close()
         predictions.close()
         errors.close()
+        run.write_errors()
     summary = summarize(run)
     summary["session"] = {"labelled": progress.done, "errors": progress.errors,
                           "seconds": round(time.monotonic() - progress.started, 3),
@@ -159,7 +191,7 @@ def summarize(run: RunDir) -> dict[str, Any]:
                 per_class[classes[cid]] += 1
             else:
                 unmatched[str(obj.get("label"))] += 1
-    failed = run.failed(done)  # one read of predictions.jsonl serves both
+    failed = run.failures(done)  # one read of predictions.jsonl serves both
     return {
         "images": len(done),
         "objects": objects,

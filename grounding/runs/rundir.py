@@ -2,12 +2,19 @@
 
     RUN_DIR/run.json           the exact configuration (refused if it changes, see --force)
     RUN_DIR/predictions.jsonl  one record per labelled image, appended and flushed
-    RUN_DIR/errors.jsonl       one line per image that failed, with the cause
+    RUN_DIR/errors.jsonl       one line per image failing now (its latest error and how
+                               many times it failed), rewritten at the end of every session
+    RUN_DIR/errors.history.jsonl  every failure of every session, appended and flushed
     RUN_DIR/summary.json       counts, rewritten at the end of every session
 
-An image is done when its record is in predictions.jsonl. A crash or ``kill -9`` can
-only leave a half-written last line, which is cut off on the next start, so that image is
-simply labelled again: nothing is lost and nothing is written twice.
+An image is done when its record is in predictions.jsonl; it is failing when its last
+word in errors.history.jsonl is an error and it is not done (a retry that fixed it takes
+it out of errors.jsonl). A crash or ``kill -9`` can only leave a half-written last line,
+which is cut off on the next start, so that image is simply labelled again: nothing is
+lost and nothing is written twice.
+
+Nothing grounding writes is ever an input: :func:`find_images` skips the run directory
+being written, any other run directory and any exported dataset under the images folder.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import json
 import os
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +48,61 @@ class RunConfigError(GroundingError):
     """The run directory was made with another configuration."""
 
 
-def find_images(root: Path) -> Iterator[str]:
+EXPORT_MARKERS = {"annotations.json": b"exported by grounding",
+                  "data.yaml": b"# written by grounding"}
+"""An exported dataset, by a file at its top and what the exporter writes at that file's
+start (grounding.formats: the COCO ``info`` and the YOLO ``data.yaml`` comment). Label
+Studio exports hold no images, so they need no marker."""
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` holds a grounding run (a run.json that grounding wrote)."""
+    try:
+        with open(path / "run.json", "rb") as f:
+            config = json.loads(f.read(1 << 20))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "grounding_version" in config
+
+
+def is_export_dir(path: Path) -> bool:
+    """Whether ``path`` is a dataset grounding exported (COCO or YOLO)."""
+    for name, marker in EXPORT_MARKERS.items():
+        try:
+            with open(path / name, "rb") as f:
+                if marker in f.read(256):
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def find_images(root: Path, exclude: Iterable[str | Path] = ()) -> Iterator[str]:
     """Image paths under ``root`` (recursive, extensions case-insensitive), relative and
-    POSIX-style, in a stable order (sorted directory walk)."""
+    POSIX-style, in a stable order (sorted directory walk).
+
+    What grounding wrote is never an input: below ``root``, the directories in
+    ``exclude`` (the run being written), every other run directory (:func:`is_run_dir`)
+    and every exported dataset (:func:`is_export_dir`) are skipped with all they hold,
+    so a run directory or an export inside the images folder is not labelled again."""
+    root = Path(root)
+    skip = {os.path.realpath(p) for p in exclude}
+
+    def output(path: Path) -> bool:
+        return os.path.realpath(path) in skip or is_run_dir(path) or is_export_dir(path)
+
     for directory, dirs, files in os.walk(root):
-        dirs.sort()
-        base = Path(directory).relative_to(root)
+        here = Path(directory)
+        dirs[:] = [d for d in sorted(dirs) if not output(here / d)]
+        base = here.relative_to(root)
         for name in sorted(files):
             if Path(name).suffix.lower() in IMAGE_EXTENSIONS:
                 yield (base / name).as_posix()
+
+
+def describe_extensions() -> str:
+    """The image extensions find_images looks for, as a person reads them."""
+    return ", ".join(sorted(IMAGE_EXTENSIONS)) + " files, any case, in subfolders too"
 
 
 def in_shard(relative: str, index: int, count: int) -> bool:
@@ -75,6 +128,7 @@ class RunDir:
         self.path = Path(path)
         self.predictions = self.path / "predictions.jsonl"
         self.errors = self.path / "errors.jsonl"
+        self.errors_history = self.path / "errors.history.jsonl"
         self.run_json = self.path / "run.json"
         self.summary_json = self.path / "summary.json"
 
@@ -105,11 +159,17 @@ class RunDir:
                 )
             if changed:
                 stamp = time.strftime("%Y%m%d-%H%M%S")
-                for f in (self.predictions, self.errors, self.run_json, self.summary_json):
+                for f in (self.predictions, self.errors, self.errors_history, self.run_json,
+                          self.summary_json):
                     if f.exists():
                         f.rename(f.with_name(f"{f.stem}.{stamp}{f.suffix}"))
-        for f in (self.predictions, self.errors):
+        for f in (self.predictions, self.errors, self.errors_history):
             repair_jsonl(f)
+        if self.errors.exists() and not self.errors_history.exists():
+            # A run from before errors.history.jsonl: its errors.jsonl was the history.
+            tmp = self.errors_history.with_suffix(".jsonl.tmp")
+            tmp.write_bytes(self.errors.read_bytes())
+            os.replace(tmp, self.errors_history)
         tmp = self.run_json.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(tmp, self.run_json)
@@ -117,10 +177,36 @@ class RunDir:
     def done(self) -> set[str]:
         return {r["image"] for r in read_jsonl(self.predictions) if "image" in r}
 
-    def failed(self, done: set[str] | None = None) -> set[str]:
-        """Images whose last word is an error (an error fixed by a later retry is not)."""
+    def failures(self, done: set[str] | None = None) -> dict[str, dict[str, Any]]:
+        """Each image failing now (its last word is an error and it has no record; an
+        error fixed by a later retry is not), in the order of their latest failure, with
+        that failure's error and time and how many times it failed."""
         done = self.done() if done is None else done
-        return {r["image"] for r in read_jsonl(self.errors) if "image" in r} - done
+        history = self.errors_history if self.errors_history.exists() else self.errors
+        latest: dict[str, dict[str, Any]] = {}
+        for r in read_jsonl(history):
+            image = r.get("image")
+            if image is None or image in done:
+                continue
+            attempts = latest.pop(image, {}).get("attempts", 0) + r.get("attempts", 1)
+            latest[image] = {"image": image, "error": r.get("error"), "time": r.get("time"),
+                             "attempts": attempts}
+        return latest
+
+    def failed(self, done: set[str] | None = None) -> set[str]:
+        """Images failing now (see :meth:`failures`)."""
+        return set(self.failures(done))
+
+    def write_errors(self, done: set[str] | None = None) -> int:
+        """Rewrite errors.jsonl (atomically) as the images failing now, one line each;
+        returns how many."""
+        failures = self.failures(done)
+        tmp = self.errors.with_suffix(".jsonl.tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for entry in failures.values():
+                f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        os.replace(tmp, self.errors)
+        return len(failures)
 
     def records(self) -> Iterator[dict[str, Any]]:
         return read_jsonl(self.predictions)
