@@ -25,11 +25,10 @@ from grounding.pipeline.qa import (
     ask_with_answers,
     first_object,
     numbered,
+    record_result,
 )
 from grounding.testing import tiny_checkpoint
 from grounding.testing.loopback import LoopbackServer, Reply, completion, server_error
-
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
 GRAY = (128, 128, 128)
 COLOURS = {"red": (255, 0, 0), "blue": (0, 0, 255), "green": (0, 255, 0)}
@@ -285,3 +284,46 @@ def test_cli_ask_size_mismatch_is_one_line(tmp_path):
     assert out.exit_code == 2
     assert "100x80 but the record is for 220x160" in out.stderr
     assert out.stderr.count("\n") == 1
+
+
+def _ask_cli(image, record_path):
+    return CliRunner().invoke(app, ["ask", str(image), "Why?", "--detections", str(record_path),
+                                    "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1",
+                                    "--model", "m", "--dialect", "qwen2.5-vl"])
+
+
+def test_cli_ask_refuses_the_record_of_another_image_of_the_same_size(tmp_path):
+    image, other = tmp_path / "scene.png", tmp_path / "other.png"
+    picture().save(image)
+    picture().save(other)  # same size: only the name tells them apart
+    record = tmp_path / "other.json"
+    record.write_text(result_for(path=str(other)).to_json())
+    out = _ask_cli(image, record)
+    assert out.exit_code == 2
+    assert out.stderr.count("\n") == 1
+    assert "other.json holds the detections of" in out.stderr and "other.png" in out.stderr
+    assert "scene.png" in out.stderr
+    # The same image named another way is still its record: relative to another folder
+    # (a label run), or as written from another working directory.
+    for named in ("scene.png", str(tmp_path.name) + "/scene.png", str(image)):
+        assert record_result(result_for(path=named).to_record(), image, record).width == 220
+
+
+@pytest.mark.parametrize("content", [{"foo": 1}, [{"foo": 1}, {"bar": 2}], {"image": "x"}])
+def test_cli_ask_refuses_a_file_that_is_not_a_record(tmp_path, content):
+    image = tmp_path / "scene.png"
+    picture().save(image)
+    record = tmp_path / "foo.json"
+    record.write_text(json.dumps(content))
+    out = _ask_cli(image, record)
+    assert out.exit_code == 2
+    assert out.stderr.count("\n") == 1
+    assert "foo.json is not a grounding record" in out.stderr
+
+
+def test_record_result_refuses_records_without_an_image_size(tmp_path):
+    record = Result(boxes=[Box((1, 2, 3, 4), "a")], image="a.png").to_record()
+    with pytest.raises(GroundingError, match=r"r\.json: the record has no image size"):
+        record_result(record, tmp_path / "a.png", tmp_path / "r.json")
+    pil = result_for(path="<PIL image RGB 220x160>").to_record()  # Python API: no file name
+    assert record_result(pil, tmp_path / "a.png", "r.json").height == 160

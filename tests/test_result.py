@@ -30,14 +30,16 @@ def make():
 def test_record_schema():
     record = make().to_record()
     assert list(record) == ["image", "width", "height", "model", "dialect", "input_size",
-                            "detections", "points", "raw", "truncated", "error", "dropped"]
+                            "classes", "detections", "points", "raw", "truncated", "error",
+                            "dropped"]
+    assert record["classes"] == ["cat", "dog"]
     assert record["width"] == 1200 and record["height"] == 800
     assert record["input_size"] == [600, 400]
     assert record["dialect"] == "qwen2.5-vl"
     det = record["detections"][0]
-    assert det == {"label": "Cats", "class_id": 0, "bbox": [20.0, 40.0, 220.0, 440.0],
+    assert det == {"label": "cat", "class_id": 0, "bbox": [20.0, 40.0, 220.0, 440.0],
                    "score": None, "attributes": {"color": "black"},
-                   "model_bbox": [10.0, 20.0, 110.0, 220.0]}
+                   "model_bbox": [10.0, 20.0, 110.0, 220.0], "model_label": "Cats"}
     assert record["points"][0]["point"] == [80.0, 120.0]
     assert record["raw"] == TEXT
     json.dumps(record)  # serialisable as is
@@ -60,7 +62,7 @@ def test_to_supervision_detections():
     assert det.xyxy.shape == (3, 4)
     np.testing.assert_allclose(det.xyxy[1], [400, 100, 600, 300])
     assert det.class_id.tolist() == [0, 1, -1]
-    assert det.data["class_name"].tolist() == ["Cats", "dog", "giraffe"]
+    assert det.data["class_name"].tolist() == ["cat", "dog", "giraffe"]
     assert det.confidence is None
 
 
@@ -159,11 +161,11 @@ def test_non_finite_model_coordinates_count_as_invalid():
 
 
 def test_filter_counts_what_it_removes_in_dropped_and_leaves_the_original():
-    result = make()  # boxes Cats (0), dog (1), giraffe (None); one point
+    result = make()  # boxes cat (0, the model wrote "Cats"), dog (1), giraffe (None); a point
     result.dropped = {"no_area": 2}
     kept = result.filter(keep_box=lambda b: b.class_id is not None,
                          keep_point=lambda p: False, reason="no_area")
-    assert kept.labels == ["Cats", "dog"] and kept.points == []
+    assert kept.labels == ["cat", "dog"] and kept.points == []
     assert kept.dropped == {"no_area": 4}  # added to the count already there
     assert len(result.boxes) == 3 and len(result.points) == 1  # a copy: original as it was
     assert result.dropped == {"no_area": 2}
@@ -214,12 +216,12 @@ def test_to_record_from_record_keeps_everything():
         boxes=[Box((1.5, 2.0, 30.25, 40.0), "cat", 0, 0.75, {"color": "black", "n": [1, 2]},
                    (3.0, 4.0, 60.5, 80.0)),
                Box((0.0, 0.0, 0.0, 0.0), None, None, None, {}, None)],
-        points=[Point((5.0, 6.5), "nose", 1, 0.5, {"side": "left"}, (10.0, 13.0)),
+        points=[Point((5.0, 6.5), "nose", 1, 0.5, {"side": "left"}, (10.0, 13.0), "Nose"),
                 Point((0.0, 0.0))],
         image="photos/a b.jpg", width=64, height=48, model="Qwen/Qwen2.5-VL-7B-Instruct",
         dialect="qwen2.5-vl", input_size=(128, 96), raw="```json\n[]\n```", truncated=True,
         error=None, dropped={"no_area": 1, "low_score": 2},
-        answers=[{"question": "how many?", "answer": "two"}])
+        answers=[{"question": "how many?", "answer": "two"}], classes=["cat", "nose"])
     record = json.loads(result.to_json())
     again = Result.from_record(record)
     assert again == result
@@ -227,3 +229,106 @@ def test_to_record_from_record_keeps_everything():
     assert again.input_size == (128, 96) and isinstance(again.input_size, tuple)
     failed = Result(image="x.jpg", error="model failed", dropped={})
     assert Result.from_json(failed.to_json()) == failed
+
+
+# --- a class list given: unmatched labels are -1; the label is the class ---------------------
+
+NO_MATCH = '[{"bbox_2d": [1, 2, 30, 40], "label": "truck"}, {"bbox_2d": [5, 5, 9, 9], "label": "dog"}]'
+
+
+def test_unmatched_labels_are_minus_one_even_when_no_label_matched():
+    result = result_from_text(NO_MATCH, "qwen2.5-vl", image_size=(100, 100),
+                              input_size=(100, 100), classes=["person", "car"])
+    assert result.classes == ["person", "car"] and result.uses_classes
+    det = result.to_detections()
+    assert det.class_id.tolist() == [-1, -1]  # not 0 ("person") and 1 ("car")
+    assert det.data["class_name"].tolist() == ["truck", "dog"]
+    again = Result.from_json(result.to_json())
+    assert again.classes == ["person", "car"]
+    assert again.to_detections().class_id.tolist() == [-1, -1]
+    # Without a class list the labels are still numbered, so annotators colour them apart.
+    free = result_from_text(NO_MATCH, "qwen2.5-vl", image_size=(100, 100),
+                            input_size=(100, 100))
+    assert free.classes is None and free.to_record()["classes"] is None
+    assert free.to_detections().class_id.tolist() == [0, 1]
+
+
+def test_old_records_without_classes_or_model_label_still_read():
+    record = make().to_record()
+    del record["classes"]
+    for entry in (*record["detections"], *record["points"]):
+        del entry["model_label"]
+    old = Result.from_record(record)
+    assert old.classes is None and old.boxes[0].model_label is None
+    assert old.to_detections().class_id.tolist() == [0, 1, -1]  # ids present: a class list
+    with pytest.raises(ValueError, match="classes must be a list"):
+        Result.from_record({**record, "classes": "cat,dog"})
+
+
+def test_ontology_label_is_the_class_and_the_model_words_are_kept():
+    text = ('[{"bbox_2d": [1, 2, 30, 40], "label": "pedestrian"}, '
+            '{"bbox_2d": [5, 5, 9, 9], "label": "Automobiles"}, '
+            '{"point_2d": [7, 8], "label": "pedestrian"}, {"bbox_2d": [1, 1, 3, 3], "label": "tree"}]')
+    ontology = {"pedestrian": "person", "automobile": "car"}
+    result = result_from_text(text, "qwen2.5-vl", image_size=(100, 100), input_size=(100, 100),
+                              classes=ontology)
+    assert result.labels == ["person", "car", "tree"]
+    assert [b.model_label for b in result.boxes] == ["pedestrian", "Automobiles", "tree"]
+    assert [(p.label, p.model_label) for p in result.points] == [("person", "pedestrian")]
+    assert result.classes == ["person", "car"]
+    det = result.to_detections()
+    assert det.data["class_name"].tolist() == ["person", "car", "tree"]
+    assert det.class_id.tolist() == [0, 1, -1]
+    record = json.loads(result.to_json())
+    assert [(d["label"], d["model_label"]) for d in record["detections"]] == [
+        ("person", "pedestrian"), ("car", "Automobiles"), ("tree", "tree")]
+
+
+# --- non-finite numbers ------------------------------------------------------------------------
+
+
+def _strict(text: str):
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant} written")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("text", [
+    '[{"bbox_2d": [10, 20, Infinity, 60], "label": "a"}]',
+    '[{"bbox_2d": [10, 20, 1e999, 60], "label": "a"}]',
+    '[{"bbox_2d": [10, NaN, 30, 60], "label": "a"}]',
+    '[{"bbox_2d": [-Infinity, 20, 30, 60], "label": "a"}]',
+    '[{"point_2d": [NaN, 5], "label": "a"}]',
+    '[{"point_2d": [5, NaN], "label": "a"}]',
+    '[{"point_2d": [1e999, 5], "label": "a"}]',
+])
+def test_non_finite_coordinates_are_invalid_not_outside(text):
+    for size in (None, (100, 100)):
+        result = result_from_text(text, "qwen2.5-vl", image_size=size, input_size=(100, 100))
+        assert not result.boxes and not result.points
+        assert result.dropped == {"invalid": 1}  # never "outside" or "no_area"
+        _strict(result.to_json())
+
+
+def test_non_finite_scores_and_attributes_are_written_as_null():
+    text = ('[{"bbox_2d": [1, 2, 30, 40], "label": "a", "depth": Infinity, '
+            '"extra": {"z": NaN, "list": [1, -Infinity]}}]')
+    result = result_from_text(text, "qwen2.5-vl", image_size=(100, 100), input_size=(100, 100))
+    assert result.boxes[0].attributes["depth"] == float("inf")  # kept as read in memory
+    result.boxes[0].score = float("nan")
+    result.answers.append({"question": "how far?", "answer": float("inf")})
+    record = _strict(result.to_json())
+    det = record["detections"][0]
+    assert det["score"] is None
+    assert det["attributes"] == {"depth": None, "extra": {"z": None, "list": [1, None]}}
+    assert record["answers"] == [{"question": "how far?", "answer": None}]
+    # to_record itself is strict, so every writer of records (label runs) writes JSON
+    json.dumps(result.to_record(), allow_nan=False)
+    assert Box((0, 0, 1, 1), "x", score=float("inf")).score is None
+    assert Point((0, 0), "x", score=np.float32("nan")).score is None
+    assert Box((0, 0, 1, 1), "x", score=np.float32(0.5)).score == 0.5
+    with pytest.raises(ValueError, match="score 'high' is not a number"):
+        Box((0, 0, 1, 1), "x", score="high")
+    nan_record = json.loads(result.to_json()) | {"detections": [
+        {"label": "a", "bbox": [1, 2, 3, 4], "score": float("nan")}]}
+    assert Result.from_record(nan_record).boxes[0].score is None

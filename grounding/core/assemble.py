@@ -36,12 +36,15 @@ def build_result(
     scores: Sequence[float | None] | None = None,
     min_score: float | None = None,
 ) -> Result:
-    """Rescale, clip, class-match and score. Without ``image_size`` coordinates stay in the
-    model's frame (only corner order is normalised) and nothing is clipped. ``scores``
-    (one per parsed object, see grounding.core.confidence) below ``min_score`` drop the object
-    (counted as ``low_score``); unscored objects are kept. Objects whose coordinates are
-    not finite count as ``invalid``; with ``image_size``, boxes left without area by
-    clipping count as ``no_area`` and points off the image as ``outside``."""
+    """Rescale, clip, class-match and score. A label that matches a class of ``classes``
+    becomes that class's name (the model's own words stay in ``model_label``), and the
+    result keeps the class names in ``Result.classes``. Without ``image_size``
+    coordinates stay in the model's frame (only corner order is normalised) and nothing
+    is clipped. ``scores`` (one per parsed object, see grounding.core.confidence) below
+    ``min_score`` drop the object (counted as ``low_score``); unscored objects are kept.
+    Objects whose coordinates are not finite count as ``invalid``; with ``image_size``,
+    boxes left without area by clipping count as ``no_area`` and points off the image as
+    ``outside``."""
     d = get_dialect(dialect)
     class_map = classes if isinstance(classes, ClassMap) or classes is None else ClassMap(classes)
     scores = list(scores) if scores is not None else [None] * len(parsed.objects)
@@ -55,15 +58,19 @@ def build_result(
             invalid += 1  # json reads NaN, Infinity and 1e999; no Box can hold them
             continue
         class_id = class_map.match(obj.label) if class_map is not None else None
+        # The label is the class when one matched (an ontology's prompt phrase, a plural,
+        # a misspelling all become the class name); the model's words stay in model_label.
+        label = obj.label if class_id is None else class_map.names[class_id]
         if obj.kind == "box":
             bbox = (order_box(obj.coords) if image_size is None
                     else clip_box(rescale_box(obj.coords, sx, sy), image_size))
-            boxes.append(Box(bbox, obj.label, class_id, score, dict(obj.attributes), obj.coords))
+            boxes.append(Box(bbox, label, class_id, score, dict(obj.attributes), obj.coords,
+                             obj.label))
         else:
             xy = ((obj.coords[0], obj.coords[1]) if image_size is None
                   else clip_point(rescale_point(obj.coords, sx, sy), image_size))
-            points.append(Point(xy, obj.label, class_id, score, dict(obj.attributes),
-                                obj.coords))
+            points.append(Point(xy, label, class_id, score, dict(obj.attributes),
+                                obj.coords, obj.label))
     result = Result(
         boxes=boxes,
         points=points,
@@ -76,6 +83,7 @@ def build_result(
         raw=raw,
         truncated=truncated or parsed.truncated,
         dropped={"invalid": invalid} if invalid else {},
+        classes=None if class_map is None else list(class_map.names),
     )
     scored = score_at_least(min_score)
     result = result.filter(scored, scored, reason="low_score")

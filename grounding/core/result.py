@@ -41,6 +41,36 @@ class InvalidResult(GroundingError, ValueError):
     the object (its label and coordinates, and in a record its place)."""
 
 
+def finite_or_none(value: Any) -> Any:
+    """``value`` made fit for strict JSON: every float that is not finite (NaN, ±inf,
+    which ``json`` would write as the non-standard ``NaN``/``Infinity``) becomes None, in
+    dicts, lists and tuples (made lists) at any depth; numpy scalars become Python ones.
+    Everything else is returned as it is."""
+    if isinstance(value, bool) or value is None or isinstance(value, str | int):
+        return value
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def _score(kind: str, label: str | None, score: Any) -> float | None:
+    """A score as a float; None for None and for a score that is not finite (a NaN or an
+    infinity says nothing about the object, and strict JSON cannot hold it)."""
+    if score is None:
+        return None
+    try:
+        value = float(score)
+    except (TypeError, ValueError):
+        raise InvalidResult(f"{kind} {label!r}: score {score!r} is not a number") from None
+    return value if math.isfinite(value) else None
+
+
 def _coords(kind: str, label: str | None, values: Any, n: int) -> tuple[float, ...]:
     """``values`` as ``n`` finite floats, or :class:`InvalidResult` naming the object."""
     try:
@@ -53,18 +83,26 @@ def _coords(kind: str, label: str | None, values: Any, n: int) -> tuple[float, .
 
 
 class _Located:
-    """The record form shared by Box and Point: label, class, score, attributes and the
-    coordinates under their own names (``bbox``/``model_bbox``, ``point``/``model_point``),
-    in the key order every record has."""
+    """The record form shared by Box and Point: label, class, score, attributes, the
+    coordinates under their own names (``bbox``/``model_bbox``, ``point``/``model_point``)
+    and the label as the model wrote it, in the key order every record has.
+
+    ``label`` is the class name when the object matched a class (also when the prompt
+    asked for it by another phrase of an ontology); ``model_label`` is always the label
+    exactly as the model wrote it (None in records written before it existed)."""
 
     _where: ClassVar[tuple[str, str]]
 
     def to_dict(self) -> dict[str, Any]:
+        """The record entry; strict JSON (a score or a number in ``attributes`` that is
+        not finite becomes None, see :func:`finite_or_none`)."""
         where, written = self._where
         raw = getattr(self, written)
         return {"label": self.label, "class_id": self.class_id,
-                where: list(getattr(self, where)), "score": self.score,
-                "attributes": self.attributes, written: None if raw is None else list(raw)}
+                where: list(getattr(self, where)), "score": finite_or_none(self.score),
+                "attributes": finite_or_none(self.attributes),
+                written: None if raw is None else finite_or_none(list(raw)),
+                "model_label": self.model_label}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Any:
@@ -72,14 +110,16 @@ class _Located:
         raw = d.get(written)
         return cls(d[where], d.get("label"), d.get("class_id"), d.get("score"),
                    dict(d.get("attributes") or {}),
-                   None if raw is None else tuple(float(v) for v in raw))
+                   None if raw is None else tuple(float(v) for v in raw),
+                   d.get("model_label"))
 
 
 @dataclass
 class Box(_Located):
     """One box. Checked when made (also by :meth:`Result.copy`, :meth:`Result.filter` and
     :meth:`Result.from_record`): 4 finite numbers with x_min <= x_max and y_min <= y_max,
-    stored as floats; anything else raises :class:`InvalidResult` (a ValueError)."""
+    stored as floats; anything else raises :class:`InvalidResult` (a ValueError). A score
+    that is not finite (NaN, ±inf) is stored as None: unscored."""
 
     bbox: tuple[float, float, float, float]
     """x_min, y_min, x_max, y_max in pixels of the displayed original image."""
@@ -90,6 +130,8 @@ class Box(_Located):
     model_bbox: tuple[float, ...] | None = None
     """The coordinates exactly as the model wrote them, in its own frame, for debugging
     (not checked: any corner order, as written)."""
+    model_label: str | None = None
+    """The label exactly as the model wrote it; ``label`` is the matched class's name."""
     _where: ClassVar[tuple[str, str]] = ("bbox", "model_bbox")
 
     def __post_init__(self) -> None:
@@ -98,11 +140,13 @@ class Box(_Located):
             raise InvalidResult(f"box {self.label!r}: {self.bbox!r} is reversed; a bbox is "
                                 "x_min, y_min, x_max, y_max with min <= max")
         self.bbox = (x1, y1, x2, y2)
+        self.score = _score("box", self.label, self.score)
 
 
 @dataclass
 class Point(_Located):
-    """One point: 2 finite numbers (x, y), stored as floats, or :class:`InvalidResult`."""
+    """One point: 2 finite numbers (x, y), stored as floats, or :class:`InvalidResult`.
+    A score that is not finite is stored as None (as for :class:`Box`)."""
 
     point: tuple[float, float]
     label: str | None = None
@@ -110,11 +154,13 @@ class Point(_Located):
     score: float | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
     model_point: tuple[float, ...] | None = None
+    model_label: str | None = None
     _where: ClassVar[tuple[str, str]] = ("point", "model_point")
 
     def __post_init__(self) -> None:
         x, y = _coords("point", self.label, self.point, 2)
         self.point = (x, y)
+        self.score = _score("point", self.label, self.score)
 
 
 def _entries(record: dict[str, Any], key: str, make: Callable[[Any], Any]) -> list[Any]:
@@ -177,6 +223,10 @@ class Result:
     answers: list[dict[str, Any]] = field(default_factory=list)
     """Questions asked about the whole set of detections and the model's answers:
     ``[{"question": ..., "answer": ...}]`` (grounding.pipeline.qa); in the record only when any."""
+    classes: list[str] | None = None
+    """The class names in id order (what ``class_id`` indexes) when the objects were
+    matched against a class list; None when no class list was used (then every
+    ``class_id`` is None) or the record predates this field."""
     # Runtime only, not part of the record:
     prompt: str | None = field(default=None, repr=False, compare=False)
     generation: Any = field(default=None, repr=False, compare=False)
@@ -206,6 +256,7 @@ class Result:
             points=[replace(p, attributes=dict(p.attributes)) for p in points],
             dropped=dict(dropped),
             answers=[dict(a) for a in self.answers],
+            classes=None if self.classes is None else list(self.classes),
         )
 
     def filter(self, keep_box: Callable[[Box], bool] | None = None,
@@ -306,7 +357,9 @@ class Result:
         return np.array([self.width, self.height] * (n // 2), dtype=np.float64)
 
     def to_record(self) -> dict[str, Any]:
-        """The JSON record every grounding command reads and writes."""
+        """The JSON record every grounding command reads and writes. It is strict JSON:
+        a number that is not finite (in ``attributes`` or ``answers``; coordinates and
+        scores cannot hold one) is written as null, never as ``NaN``/``Infinity``."""
         return {
             "image": self.image,
             "width": self.width,
@@ -314,22 +367,37 @@ class Result:
             "model": self.model,
             "dialect": self.dialect,
             "input_size": None if self.input_size is None else list(self.input_size),
+            "classes": None if self.classes is None else list(self.classes),
             "detections": [b.to_dict() for b in self.boxes],
             "points": [p.to_dict() for p in self.points],
             "raw": self.raw,
             "truncated": self.truncated,
             "error": self.error,
             "dropped": dict(self.dropped),
-        } | ({"answers": [dict(a) for a in self.answers]} if self.answers else {})
+        } | ({"answers": finite_or_none(self.answers)} if self.answers else {})
 
     def to_json(self, **kwargs: Any) -> str:
-        return json.dumps(self.to_record(), ensure_ascii=False, **kwargs)
+        """:meth:`to_record` as strict JSON (``allow_nan=False``)."""
+        kwargs.setdefault("ensure_ascii", False)
+        kwargs.setdefault("allow_nan", False)
+        return json.dumps(self.to_record(), **kwargs)
+
+    @property
+    def uses_classes(self) -> bool:
+        """True when the objects were matched against a class list (:attr:`classes`);
+        for a record written before that field, when any object has a ``class_id``."""
+        return self.classes is not None or any(
+            o.class_id is not None for o in (*self.boxes, *self.points))
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> Result:
         """The Result a record holds; :class:`InvalidResult` (a ValueError) names the image
         and the entry when a box or point is malformed (missing, not finite, reversed)."""
         size = record.get("input_size")
+        classes = record.get("classes")
+        if classes is not None and not isinstance(classes, list):
+            raise InvalidResult(f"{record.get('image')}: classes must be a list of names, "
+                                f"not {classes!r}")
         return cls(
             boxes=_entries(record, "detections", Box.from_dict),
             points=_entries(record, "points", Point.from_dict),
@@ -344,6 +412,7 @@ class Result:
             error=record.get("error"),
             dropped=dict(record.get("dropped") or {}),
             answers=[dict(a) for a in record.get("answers") or []],
+            classes=None if classes is None else [str(c) for c in classes],
         )
 
     @classmethod
@@ -360,19 +429,16 @@ class Result:
     def to_detections(self):
         """As ``supervision.Detections``; labels in ``data["class_name"]``.
 
-        ``class_id`` is the matched class id, -1 for labels outside the class list; when
-        no class list was used, ids number the distinct labels in order of appearance so
-        annotators still colour each label apart.
+        ``class_id`` is the matched class id, -1 for labels outside the class list (also
+        when no label matched at all); when no class list was used (:attr:`uses_classes`),
+        ids number the distinct labels in order of appearance so annotators still colour
+        each label apart.
         """
         import supervision as sv
 
         n = len(self.boxes)
         names = np.array([b.label or "" for b in self.boxes], dtype=object)
-        if any(b.class_id is not None for b in self.boxes):
-            ids = [-1 if b.class_id is None else b.class_id for b in self.boxes]
-        else:
-            order = {name: i for i, name in enumerate(dict.fromkeys(names.tolist()))}
-            ids = [order[name] for name in names.tolist()]
+        ids = self.class_ids(self.boxes)
         scores = [b.score for b in self.boxes]
         return sv.Detections(
             xyxy=self.xyxy.astype(np.float32),
@@ -381,3 +447,14 @@ class Result:
             else np.array(scores, dtype=np.float32),
             data={"class_name": names},
         )
+
+    def class_ids(self, objects: Sequence[Box | Point]) -> list[int]:
+        """The ids :meth:`to_detections` gives ``objects`` (boxes or points of this
+        result): the class id, -1 for no class, when :attr:`uses_classes`; else the
+        number of each distinct label in order of appearance over the boxes, then the
+        points, so a box and a point with the same label get the same id."""
+        if self.uses_classes:
+            return [-1 if o.class_id is None else int(o.class_id) for o in objects]
+        labels = [o.label or "" for o in (*self.boxes, *self.points)]
+        order = {name: i for i, name in enumerate(dict.fromkeys(labels))}
+        return [order.get(o.label or "", len(order)) for o in objects]

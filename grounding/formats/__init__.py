@@ -19,15 +19,17 @@ Shared rules:
   counted; records with an ``error`` or without a size are skipped and counted; a record
   whose image is missing, unreadable or not the size the record says is skipped and
   named in ``ExportStats.skipped``.
-- The output's image and label folders must be empty; ``overwrite=True`` replaces a
-  previous export (it never deletes a tree that contains the images root).
+- The output's image and label folders (Label Studio: ``tasks.json`` and
+  ``label_config.xml``) must not exist or be empty, else :class:`ExportExists`;
+  ``overwrite=True`` replaces a previous export (it never deletes a tree that contains
+  the images root).
 """
 
 from __future__ import annotations
 
 from grounding.formats.coco import export_coco
-from grounding.formats.common import ExportStats
+from grounding.formats.common import ExportExists, ExportStats
 from grounding.formats.labelstudio import export_labelstudio
 from grounding.formats.yolo import export_yolo
 
-__all__ = ["ExportStats", "export_coco", "export_labelstudio", "export_yolo"]
+__all__ = ["ExportExists", "ExportStats", "export_coco", "export_labelstudio", "export_yolo"]

@@ -89,7 +89,7 @@ def _temp(out: Path) -> IO[str]:
 
 
 def _append(f: IO[str], obj: dict[str, Any], *, first: bool) -> None:
-    f.write(("" if first else ",\n") + json.dumps(obj, ensure_ascii=False))
+    f.write(("" if first else ",\n") + json.dumps(obj, ensure_ascii=False, allow_nan=False))
 
 
 def _splice(path: Path, names: list[str], images: IO[str], annotations: IO[str]) -> None:

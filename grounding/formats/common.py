@@ -87,15 +87,26 @@ def check_class_names(class_names: list[str]) -> list[str]:
     return names
 
 
+class ExportExists(FileExistsError):
+    """The output of an export already holds files (a previous export?) and ``overwrite``
+    was not given; ``path`` is what is in the way. The message names the Python option
+    (``overwrite=True``); the CLI names its own (``--overwrite``)."""
+
+    def __init__(self, path: Path, what: str = "holds a previous export") -> None:
+        self.path = path
+        self.what = what
+        super().__init__(f"{path} {what}; pass overwrite=True to replace it")
+
+
 def prepare_dir(path: Path, *, overwrite: bool, keep: Path) -> None:
     """Make ``path`` an empty directory; refuse to reuse a non-empty one unless
-    ``overwrite``, and never delete a tree that holds ``keep`` (the source images)."""
+    ``overwrite`` (:class:`ExportExists`), and never delete a tree that holds ``keep``
+    (the source images)."""
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise FileExistsError(f"{path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
-            raise FileExistsError(
-                f"{path} holds a previous export; pass overwrite=True to replace it")
+            raise ExportExists(path, "is not empty (a previous export?)")
         resolved, source = path.resolve(), keep.resolve()
         if source == resolved or resolved in source.parents:
             raise ValueError(f"refusing to delete {path}: it contains the images root {keep}")

@@ -13,7 +13,11 @@ that match no class are listed and left out, as are classes the ground truth lac
 
 The ground truth is read by ``formats.coco.load_coco`` or ``formats.yolo.load_yolo``;
 entries they reject as malformed are counted in ``EvalReport.gt_skipped`` and described,
-with the file and the annotation or line, in ``EvalReport.gt_warnings``.
+with the file and the annotation or line, in ``EvalReport.gt_warnings``. A ground truth
+left with no image or no box (empty, or every entry malformed) cannot score anything:
+:class:`~grounding.formats.dataset.DatasetError` naming the file. A malformed record
+(a box that is not 4 finite ordered numbers, a class_id that is not a whole number)
+raises :class:`~grounding.core.result.InvalidResult` naming its image.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from grounding.core.result import InvalidResult, Result
 from grounding.formats.coco import load_coco
-from grounding.formats.dataset import relative_path
+from grounding.formats.dataset import Dataset, DatasetError, as_int, relative_path
 from grounding.formats.yolo import load_yolo
 from grounding.io.images import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # still importable here
 
@@ -126,6 +131,7 @@ def evaluate(records: Iterable[dict[str, Any]], class_names: list[str], gt: Path
     gt = Path(gt)
     root = None if images_root is None else Path(images_root)
     data = load_yolo(gt) if gt.is_dir() else load_coco(gt, root)
+    check_usable(data)
     gt_names = data.names
     index = {n.lower(): i for i, n in enumerate(names)}
     gt_to_class = {g: index.get(n.lower()) for g, n in gt_names.items()}
@@ -158,12 +164,15 @@ def evaluate(records: Iterable[dict[str, Any]], class_names: list[str], gt: Path
             find.exclude(g)
             continue
         boxes = []
-        for det in record.get("detections") or []:
-            if det.get("class_id") is None:
+        for b in Result.from_record(record).boxes:  # checked: finite, ordered
+            if b.class_id is None:
                 without_class += 1
                 continue
-            score = 1.0 if det.get("score") is None else float(det["score"])
-            boxes.append((int(det["class_id"]), *map(float, det["bbox"]), score))
+            class_id = as_int(b.class_id)
+            if class_id is None:
+                raise InvalidResult(f"{record.get('image')}: box {b.label!r}: class_id "
+                                    f"{b.class_id!r} is not a whole number")
+            boxes.append((class_id, *b.bbox, 1.0 if b.score is None else b.score))
         preds[g] = boxes
     matched = [g for g in preds if not find.excluded(g)]
     reports = [ClassReport(n, i, i in in_gt) for i, n in enumerate(names)]
@@ -196,6 +205,22 @@ def evaluate(records: Iterable[dict[str, Any]], class_names: list[str], gt: Path
         gt_classes_not_in_list=sorted({gt_names[g] for g, c in gt_to_class.items() if c is None}),
         classes_not_in_gt=[n for i, n in enumerate(names) if i not in in_gt],
         examples=examples, gt_skipped=data.skipped, gt_warnings=data.warnings)
+
+
+def check_usable(data: Dataset) -> None:
+    """:class:`DatasetError` naming the file when the ground truth has no image or no box
+    left to score against, with what was left out as malformed and why."""
+    what = ("no images" if not data.images
+            else "no annotations" if not any(im.boxes for im in data.images) else None)
+    if what is None:
+        return
+    why = ""
+    if data.skipped:
+        first = data.warnings[0] if data.warnings else "?"
+        why = (f" ({data.skipped} malformed "
+               f"{'entry' if data.skipped == 1 else 'entries'} left out, the first: {first})")
+    raise DatasetError(f"{data.source}: the ground truth has {what}{why}; there is "
+                       "nothing to evaluate against")
 
 
 def _note(examples: list[str], text: str) -> None:

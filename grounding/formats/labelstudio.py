@@ -6,10 +6,15 @@ percent of the displayed image, with ``original_width``/``original_height``. The
 ``from_name``/``to_name`` values are the tag names of ``label_config.xml``; paste that
 config into the project, or edit both together.
 
-URL: ``url_prefix`` + the relative path, percent-encoded (a ``#`` or ``?`` in a file
-name would otherwise cut the URL). The default prefix is Label Studio's local-files
-serving; the path after ``?d=`` is relative to LOCAL_FILES_DOCUMENT_ROOT, so pass e.g.
-``/data/local-files/?d=photos/`` when the images root is ``$ROOT/photos``.
+URL: ``url_prefix`` + the image's path relative to the images root, percent-encoded (a
+``#`` or ``?`` in a file name would otherwise cut the URL); a prefix that does not end in
+``/`` or ``=`` gets a ``/``. The default prefix is Label Studio's local-files serving
+(started with ``LABEL_STUDIO_LOCAL_FILES_SERVING_ENABLED=true`` and
+``LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT=/some/dir``), whose URLs are
+``/data/local-files/?d=PATH`` with PATH relative to that document root: so the default
+works when the document root is the images root, and with the document root ``/data``
+and the images under ``/data/photos`` the prefix is ``/data/local-files/?d=photos/``.
+Images served over HTTP take that server's address: ``http://host:8081/photos/``.
 
 Images are not copied. Label Studio shows an image the way the browser decodes it, and
 browsers apply EXIF orientation by default (CSS ``image-orientation: from-image``), so
@@ -30,6 +35,7 @@ from urllib.parse import quote
 from xml.sax.saxutils import escape
 
 from grounding.formats.common import (
+    ExportExists,
     ExportStats,
     check_class_names,
     iter_items,
@@ -41,12 +47,30 @@ POINT_WIDTH = 0.5
 """Keypoint size in percent of the image width, as Label Studio stores it."""
 
 
+LOCAL_FILES_PREFIX = "/data/local-files/?d="
+"""Label Studio's URL for a file under LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT."""
+
+
+def image_url(relative: str, url_prefix: str = LOCAL_FILES_PREFIX) -> str:
+    """The task URL of the image at ``relative`` (POSIX, under the images root)."""
+    if url_prefix and not url_prefix.endswith(("/", "=")):
+        url_prefix += "/"
+    return url_prefix + quote(relative, safe="/")
+
+
 def export_labelstudio(records: Iterable[dict[str, Any]], images_root: Path,
                        class_names: list[str], out: Path, *, min_score: float | None = None,
-                       url_prefix: str = "/data/local-files/?d=") -> ExportStats:
-    """Write ``out/tasks.json`` (streamed) and ``out/label_config.xml``."""
+                       url_prefix: str = LOCAL_FILES_PREFIX,
+                       overwrite: bool = False) -> ExportStats:
+    """Write ``out/tasks.json`` (streamed) and ``out/label_config.xml``; the image URLs
+    are ``url_prefix`` + the path under ``images_root`` (see the module docstring). An
+    ``out`` that already holds either file is refused (:class:`ExportExists`) unless
+    ``overwrite``."""
     names = check_class_names(class_names)
     images_root, out = Path(images_root), Path(out)
+    for existing in (out / "tasks.json", out / "label_config.xml"):
+        if not overwrite and os.path.lexists(existing):
+            raise ExportExists(existing, "exists (a previous export?)")
     out.mkdir(parents=True, exist_ok=True)
     stats = ExportStats()
     path = out / "tasks.json"
@@ -70,11 +94,12 @@ def export_labelstudio(records: Iterable[dict[str, Any]], images_root: Path,
                 result.append(_result(f"{n}-p{i}", "keypointlabels", POINT_TAG, w, h, value,
                                       p.score))
             scores = [r["score"] for r in result if "score" in r]
-            task = {"data": {IMAGE_TAG: url_prefix + quote(item.relative, safe="/")},
+            task = {"data": {IMAGE_TAG: image_url(item.relative, url_prefix)},
                     "predictions": [{"model_version": item.record.get("model") or "unknown",
                                      "score": sum(scores) / len(scores) if scores else None,
                                      "result": result}]}
-            f.write(("\n" if n == 0 else ",\n") + json.dumps(task, ensure_ascii=False))
+            text = json.dumps(task, ensure_ascii=False, allow_nan=False)
+            f.write(("\n" if n == 0 else ",\n") + text)
             stats.images += 1
         f.write("\n]\n")
     os.replace(partial, path)

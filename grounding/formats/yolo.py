@@ -10,7 +10,11 @@ trains on both as background but reports the file missing). Names are flattened 
 several readers (supervision's ``from_yolo`` among them) list only the top level of
 ``images/<split>`` and find a label by the image's stem; two sources that flatten to the
 same name, or share a stem (a.jpg and a.png), are skipped and reported. The train/val
-split hashes (seed, relative path), so an image keeps its split when images are added.
+split hashes (seed, relative path), so an image keeps its split when images are added;
+with a fraction strictly between 0 and 1 and at least two images, neither split is left
+empty: when the hash put every image on one side (likely for a handful of images), the
+image whose hash is nearest the other side moves there (deterministic too). A fraction of
+0 puts every image in train, 1 every image in val.
 YOLO detection labels hold no points: they are dropped and counted.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -57,8 +62,14 @@ def export_yolo(records: Iterable[dict[str, Any]], images_root: Path, class_name
         for split in ("train", "val"):
             (out / sub / split).mkdir(parents=True, exist_ok=True)
     stats = ExportStats()
+    counts = {"train": 0, "val": 0}
+    # The image of each split nearest the other, (hash value, name): the lowest value in
+    # train, the highest in val; it moves when the other split would stay empty.
+    # Constant memory, like the rest of the export.
+    nearest: dict[str, tuple[float, str]] = {}
     for item in iter_items(records, images_root, stats):
-        split = "val" if is_val(item.relative, val_fraction, seed) else "train"
+        value = split_value(item.relative, seed)
+        split = "val" if value < val_fraction else "train"
         name = flat_name(item.relative)
         image_dst = out / "images" / split / name
         label_dst = out / "labels" / split / (Path(name).stem + ".txt")
@@ -72,18 +83,43 @@ def export_yolo(records: Iterable[dict[str, Any]], images_root: Path, class_name
                 for b, (cx, cy, w, h) in zip(kept.boxes, kept.xywhn.tolist(), strict=True)]
         label_dst.write_text("".join(rows), encoding="utf-8")
         stats.images += 1
+        counts[split] += 1
+        pick = min if split == "train" else max
+        nearest[split] = pick(nearest.get(split, (value, name)), (value, name))
+    if 0.0 < val_fraction < 1.0 and stats.images >= 2:
+        for empty, full in (("val", "train"), ("train", "val")):
+            if counts[empty] == 0:
+                _move(out, nearest[full][1], full, empty)
+                counts[empty], counts[full] = 1, counts[full] - 1
     write_data_yaml(out / "data.yaml", out.resolve(), names)
     return stats
+
+
+def _move(out: Path, name: str, source: str, target: str) -> None:
+    """Move one exported image (a link, a copy or an upright file) and its label file
+    from split ``source`` to ``target``. The target split is empty, so nothing is
+    overwritten."""
+    label = Path(name).stem + ".txt"
+    os.replace(out / "images" / source / name, out / "images" / target / name)
+    os.replace(out / "labels" / source / label, out / "labels" / target / label)
 
 
 def flat_name(relative: str) -> str:
     return relative.replace("/", "__")
 
 
-def is_val(relative: str, val_fraction: float, seed: int) -> bool:
-    """Deterministic per image: the same answer on every machine and every run."""
+def split_value(relative: str, seed: int) -> float:
+    """A number in [0, 1) fixed by (seed, relative path): the same on every machine and
+    every run, and for an image whatever other images there are."""
     digest = hashlib.sha256(f"{seed}\0{relative}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2.0**64 < val_fraction
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def is_val(relative: str, val_fraction: float, seed: int) -> bool:
+    """Deterministic per image: the same answer on every machine and every run. (The
+    export may then move one image so that neither split is empty; see
+    :func:`export_yolo`.)"""
+    return split_value(relative, seed) < val_fraction
 
 
 def write_data_yaml(path: Path, root: Path, names: list[str]) -> None:

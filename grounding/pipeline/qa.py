@@ -16,14 +16,17 @@ Points are not asked about (they have no region to show).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
 
 from grounding.backends.base import Backend, Generation, Request
+from grounding.core.errors import GroundingError
 from grounding.core.result import Result, register_view
 from grounding.io.images import ImageSource
+from grounding.io.records import pick_record
 from grounding.parsing import load_lenient
 from grounding.pipeline.crops import DEFAULT_CONTEXT, DEFAULT_MIN_SIDE, crop_with_context, image_for
 from grounding.pipeline.requests import run_requests
@@ -179,3 +182,69 @@ def ask_with_answers(result: Result, image: ImageSource | None, backend: Backend
 # ------------------------------------------------------------------------ record files
 
 
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except OSError:
+        return path.absolute()
+
+
+def names_image(named: str, image: str | Path) -> bool:
+    """Whether a record's ``image`` names the file ``image``: the same path as written or
+    resolved, or a relative path that ``image``'s resolved path ends with (a label run
+    stores paths relative to its images folder; ``grounding detect`` the path it was given,
+    maybe relative to another working directory)."""
+    if named == str(image):
+        return True
+    target = _resolved(Path(image))
+    path = Path(named)
+    if _resolved(path) == target:
+        return True
+    return (not path.is_absolute() and ".." not in path.parts
+            and target.parts[-len(path.parts):] == path.parts)
+
+
+def _not_a_record(record: dict[str, Any], source: str | Path) -> GroundingError:
+    keys = ", ".join(map(str, list(record)[:5])) or "none"
+    return GroundingError(
+        f"{source} is not a grounding record: it has no \"detections\" list (keys: {keys}); "
+        "pass the JSON that grounding detect or grounding label wrote")
+
+
+def result_for_image(records: list[dict[str, Any]], image: str | Path,
+                     source: str | Path) -> Result:
+    """The :class:`Result` to ask about the file ``image`` from the records of the file
+    ``source`` (:func:`grounding.io.records.read_records`): the grounding record of that
+    image (:func:`grounding.io.records.pick_record`), checked by :func:`record_result`."""
+    found = [r for r in records if isinstance(r.get("detections"), list)]
+    if not found:
+        raise _not_a_record(records[0] if records else {}, source)
+    return record_result(pick_record(found, image, str(source)), image, source)
+
+
+def record_result(record: dict[str, Any], image: str | Path, source: str | Path) -> Result:
+    """The :class:`Result` of ``record`` (read from the file ``source``) to ask about the
+    file ``image``; :class:`GroundingError` naming ``source`` when it is no grounding record
+    (no ``detections`` list: ``{"foo": 1}`` is not an empty record), when the record names
+    another image file (a record of another image of the same size would put its boxes on
+    this one), when it is an error record, or when it has no image size (coordinates still
+    in the model's frame). A record whose ``image`` is not a file name (an image given to
+    the Python API as pixels, ``<PIL image ...>``) is taken for ``image``."""
+    if not isinstance(record.get("detections"), list):
+        raise _not_a_record(record, source)
+    named = record.get("image")
+    if (isinstance(named, str) and named and not named.startswith("<")
+            and not names_image(named, image)):
+        raise GroundingError(f"{source} holds the detections of {named}, not of {image}; "
+                             "pass the record of the image you ask about")
+    try:
+        result = Result.from_record(record)
+    except GroundingError as exc:
+        raise GroundingError(f"{source}: {exc}") from None
+    if result.error:
+        raise GroundingError(f"{source}: the record of {image} is an error: {result.error}")
+    if result.image_size is None:
+        raise GroundingError(f"{source}: the record has no image size, so its coordinates "
+                             "are in the model's frame (grounding parse without "
+                             "--image-size); detect on the image to get a record to ask about")
+    return result
