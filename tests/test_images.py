@@ -3,9 +3,12 @@ ImageLoadError; and a box the model writes on the upright picture lands back on 
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import struct
+import threading
+import warnings
 import zlib
 from pathlib import Path
 
@@ -394,6 +397,53 @@ def test_decompression_bomb_header_is_refused_before_decoding(tmp_path):
     expect_error(png_claiming(100_000, 100_000), "decompression bomb")
 
 
+def test_other_threads_keep_pils_bomb_guard_while_an_image_loads(tmp_path, monkeypatch):
+    """load_image must not turn PIL's process-wide decompression-bomb limit off while it
+    opens a file: a bomb opened by another thread at that very moment is still refused."""
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_claiming(100_000, 100_000))
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (30, 20), RED).save(photo)
+    factory, accept = Image.OPEN["PNG"]
+    loader = threading.get_ident()
+    outcome: list[str] = []
+
+    def other_thread() -> None:
+        try:
+            with Image.open(bomb) as im:
+                outcome.append(f"opened {im.size} (limit {Image.MAX_IMAGE_PIXELS})")
+        except Image.DecompressionBombError:
+            outcome.append("refused")
+
+    def png_opener(*args, **kwargs):
+        # Runs inside load_image, while PIL reads photo.png's header: open the bomb from
+        # another thread now, and wait for it.
+        if threading.get_ident() == loader and not outcome:
+            thread = threading.Thread(target=other_thread)
+            thread.start()
+            thread.join(timeout=30)
+        return factory(*args, **kwargs)
+
+    monkeypatch.setitem(Image.OPEN, "PNG", (png_opener, accept))
+    assert load_image(photo).size == (30, 20)
+    assert outcome == ["refused"]
+
+
+def test_grounding_limit_not_pils_decides(monkeypatch):
+    """The size check is grounding's max_image_pixels, whatever PIL's global limit says,
+    and opening an allowed image above PIL's limit warns nothing."""
+    buf = io.BytesIO()
+    Image.new("RGB", (100, 100), RED).save(buf, "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 100x100 is a "bomb" to PIL
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(buf.getvalue()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_image(buf.getvalue()).size == (100, 100)
+    expect_error(buf.getvalue(), "exceeds", max_image_pixels=9_999)
+    assert Image.MAX_IMAGE_PIXELS == 1000
+
+
 def test_max_image_pixels_limit(tmp_path):
     path = tmp_path / "normal.png"
     Image.new("RGB", (300, 200)).save(path)
@@ -410,3 +460,27 @@ def test_bad_array_and_bad_type():
         load_image(np.zeros((0, 4, 3), np.uint8))
     with pytest.raises(ImageLoadError, match="expected a path"):
         load_image(12345)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("name", "fmt", "frames"), [
+    ("one.gif", "GIF", 1), ("anim.gif", "GIF", 3), ("pages.tiff", "TIFF", 3),
+    ("anim.png", "PNG", 3), ("photo.mpo", "MPO", 2), ("anim.webp", "WEBP", 3),
+    ("one.png", "PNG", 1), ("one.jpg", "JPEG", 1),
+])
+def test_load_image_closes_the_file_of_any_format(tmp_path, name, fmt, frames):
+    """PIL keeps multi-frame files (GIF, MPO, TIFF, APNG) open for their other frames;
+    load_image returns the first frame's pixels with the file closed, so a run over many
+    images never holds (or leaks, at garbage collection) a handle per image."""
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)][:frames]
+    pictures = [Image.new("RGB", (20, 10), c) for c in colours]
+    path = tmp_path / name
+    pictures[0].save(path, fmt, save_all=frames > 1, append_images=pictures[1:])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        image = load_image(path)
+        assert image.size == (20, 10) and image.mode == "RGB"
+        assert np.abs(np.asarray(image, int)[5, 10] - colours[0]).max() <= 12
+        assert getattr(image, "fp", None) is None
+        del image
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)]

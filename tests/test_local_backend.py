@@ -142,12 +142,38 @@ def test_logprobs_are_the_models_own_numbers(backend):
         assert row.max().item() - row[t].item() < 5e-3
 
 
-def test_hitting_the_token_limit_is_flagged(backend):
-    [gen] = backend.generate([Request(noise(100, 100), "Find cats")])
-    if len(gen.token_logprobs) == backend.max_new_tokens:
-        assert gen.truncated
-    else:  # the model stopped by itself
-        assert not gen.truncated
+def test_hitting_the_token_limit_is_flagged(backend, monkeypatch):
+    """With end-of-sequence disabled the answer runs to max_new_tokens and is flagged
+    truncated; made to end by itself (its k-th token declared end-of-sequence) it is not,
+    even when it ends on the last token it was allowed."""
+    limit = backend.max_new_tokens
+    request = Request(noise(100, 100), "Find cats")
+    rows = []
+    generate = backend.net.generate
+
+    def spy(*args, **kwargs):
+        out = generate(*args, **kwargs)
+        rows.append(out[0, kwargs["input_ids"].shape[1]:].tolist())
+        return out
+
+    monkeypatch.setattr(backend.net, "generate", spy)
+    monkeypatch.setattr(backend.net.generation_config, "eos_token_id", None)
+    monkeypatch.setattr(backend, "eos_ids", set())
+    [gen] = backend.generate([request])
+    assert gen.truncated is True
+    assert len(gen.tokens) == len(gen.token_logprobs) == limit
+    [row] = rows
+    assert len(row) == limit
+    # positions whose token is new there: declared end-of-sequence, the model stops at it
+    firsts = [k for k in range(1, limit) if row[k] not in row[:k]]
+    assert firsts, row
+    for k in {firsts[0], firsts[-1]}:
+        monkeypatch.setattr(backend.net.generation_config, "eos_token_id", row[k])
+        monkeypatch.setattr(backend, "eos_ids", {row[k]})
+        [stopped] = backend.generate([request])
+        assert stopped.truncated is False, k
+        assert len(stopped.tokens) == len(stopped.token_logprobs) == k
+        assert stopped.tokens == gen.tokens[:k]
 
 
 def test_detector_records_and_bad_image(backend, tmp_path):

@@ -7,8 +7,7 @@ so a box lands on the object whatever rotation flag, mode or bit depth the file 
 from __future__ import annotations
 
 import io
-import threading
-import warnings
+import struct
 from os import PathLike
 from pathlib import Path
 
@@ -31,19 +30,43 @@ The union of what both used to accept, kept to what PIL decodes: ``.dng`` (in Ul
 list) is left out, as PIL has no raw decoder and opens at most a DNG's TIFF preview, whose
 frame is not the photo's."""
 
-_pil_limit_lock = threading.Lock()
-
-
 def open_header(source: Path | bytes) -> Image.Image:
-    """Open a file or bytes reading only the header, without PIL's own pixel-count limit:
-    callers apply grounding's (``max_image_pixels``) before decoding any pixel."""
-    with _pil_limit_lock, warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
-        try:
-            return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
+    """Open a file or bytes reading only the header, without PIL's own pixel-count check at
+    open: callers apply grounding's (``max_image_pixels``) before decoding any pixel.
+
+    This is ``Image.open`` without the one call that checks ``Image.MAX_IMAGE_PIXELS``:
+    each format's opener reads the header and nothing in the process-wide setting (or the
+    warning filters) is touched, so another thread's ``Image.open`` keeps PIL's
+    decompression-bomb guard. A few formats (MPO, TIFF, GIF frames) check the size again
+    inside PIL; they keep PIL's limit (an error above twice ``Image.MAX_IMAGE_PIXELS``).
+    """
+    if isinstance(source, bytes):
+        stream = io.BytesIO(source)
+        prefix = source[:16]
+    else:
+        with open(source, "rb") as f:
+            prefix = f.read(16)
+    tried: set[str] = set()
+    for register in (Image.preinit, Image.init):
+        register()
+        for fmt in list(Image.ID):
+            if fmt in tried:
+                continue
+            tried.add(fmt)
+            factory, accept = Image.OPEN[fmt]
+            accepted = not accept or accept(prefix)
+            if not accepted or isinstance(accepted, str):
+                continue
+            try:
+                if isinstance(source, bytes):
+                    stream.seek(0)
+                    return factory(stream, "")
+                # Given the path, the opener owns the file: it closes it itself when the
+                # header is not its format, and the image closes it when closed.
+                return factory(source, None)
+            except (SyntaxError, IndexError, TypeError, struct.error):
+                continue
+    raise UnidentifiedImageError(f"cannot identify image file {describe(source)!r}")
 
 
 def describe(source: ImageSource) -> str:
@@ -83,13 +106,13 @@ def load_image(source: ImageSource, *,
         raise ImageLoadError(name, "expected a path, bytes, a PIL image or a numpy array")
     try:
         image = open_header(data)
-        try:
+        # The file is closed however this ends (a bad file among millions must not hold
+        # its handle, nor a GIF, MPO or TIFF, which PIL keeps open for their other
+        # frames); the pixels of the first frame stay.
+        with image:
             _check_size(image.size, max_image_pixels, name)
             image.load()
-            shown = upright(image)
-        except BaseException:
-            image.close()  # a bad file among millions must not hold its handle
-            raise
+            shown = to_rgb(upright(image))
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
@@ -99,7 +122,7 @@ def load_image(source: ImageSource, *,
         if "truncated" in reason or isinstance(exc, EOFError):
             reason = f"file is truncated or corrupt ({reason})"
         raise ImageLoadError(name, reason) from None
-    return to_rgb(shown)
+    return shown
 
 
 def upright(image: Image.Image) -> Image.Image:

@@ -14,8 +14,10 @@ from grounding.core.errors import GroundingError
 
 
 def repair_jsonl(path: Path) -> int:
-    """Cut a half-written last line (no newline: the writer was killed mid-write).
-    Returns the number of bytes removed."""
+    """Make the file end on a whole line. A last line without its newline is cut when it
+    does not parse (the writer was killed mid-write) and kept, its newline added, when it
+    is a complete record (a hand-edited file, shards joined with ``cat``).
+    Returns the number of bytes removed (0 when the last line was kept)."""
     if not path.exists():
         return 0
     size = path.stat().st_size
@@ -37,8 +39,20 @@ def repair_jsonl(path: Path) -> int:
                 keep = start + cut + 1
                 break
             end = start
+        f.seek(keep)
+        if _is_record(f.read(size - keep)):
+            f.seek(size)
+            f.write(b"\n")
+            return 0
         f.truncate(keep)
         return size - keep
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line.decode("utf-8")), dict)
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return False
 
 
 def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:

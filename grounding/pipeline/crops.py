@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 from PIL import Image
 
+from grounding.core.geometry import MAX_ASPECT_RATIO
 from grounding.core.result import Box, Result
 from grounding.io.images import ImageSource, load_image, upright
 
@@ -30,13 +31,20 @@ def _span(lo: float, hi: float, context: float, min_side: int, limit: int) -> tu
     if b <= a:  # a degenerate box: at least the pixel it touches
         a = min(max(0, math.floor(lo)), limit - 1)
         b = a + 1
-    want = min(min_side, limit)
-    if b - a < want:
-        middle = (a + b) / 2
-        a = math.floor(middle - want / 2)
-        a = min(max(0, a), limit - want)
-        b = a + want
-    return a, b
+    return _widen(a, b, min(min_side, limit), limit)
+
+
+def _widen(a: int, b: int, want: int, limit: int) -> tuple[int, int]:
+    """[a, b) widened to ``want`` pixels around its middle, shifted inside [0, limit]; when
+    the image is narrower than ``want`` the span is centred on it and reaches beyond."""
+    if b - a >= want:
+        return a, b
+    if want > limit:
+        a = math.floor((limit - want) / 2)
+        return a, a + want
+    a = math.floor((a + b) / 2 - want / 2)
+    a = min(max(0, a), limit - want)
+    return a, a + want
 
 
 def crop_with_context(image: Image.Image, box: Box | Sequence[float],
@@ -50,6 +58,12 @@ def crop_with_context(image: Image.Image, box: Box | Sequence[float],
     whole pixels; a side shorter than ``min_side`` pixels is widened to it around the
     box's middle (never beyond the image). The EXIF orientation of ``image`` is applied
     first, so a photo opened with PIL directly is cut where the box is on screen.
+
+    A model refuses an image whose long side is over 200 times its short side (Qwen's
+    ``smart_resize``), so the short side of a crop of a thin box is widened until the
+    ratio is at most that; in an image too thin for it (a 6000x28 strip) the crop reaches
+    beyond the image, padded with black, and its box has coordinates outside the image
+    (crop pixel (u, v) is always image pixel (x0 + u, y0 + v)).
     """
     if context < 0 or min_side < 1:
         raise ValueError("context must be >= 0 and min_side >= 1")
@@ -60,6 +74,10 @@ def crop_with_context(image: Image.Image, box: Box | Sequence[float],
     w, h = image.size
     x0, x1 = _span(bbox[0], bbox[2], context, min_side, w)
     y0, y1 = _span(bbox[1], bbox[3], context, min_side, h)
+    if x1 - x0 > MAX_ASPECT_RATIO * (y1 - y0):
+        y0, y1 = _widen(y0, y1, math.ceil((x1 - x0) / MAX_ASPECT_RATIO), h)
+    elif y1 - y0 > MAX_ASPECT_RATIO * (x1 - x0):
+        x0, x1 = _widen(x0, x1, math.ceil((y1 - y0) / MAX_ASPECT_RATIO), w)
     return image.crop((x0, y0, x1, y1)), (x0, y0, x1, y1)
 
 

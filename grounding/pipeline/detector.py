@@ -230,11 +230,19 @@ class Detector:
 
     def _run(self, items, query: Query, text: str, size: int) -> Iterator[Result]:
         results: dict[int, Result] = {}
-        good = [it for it in items if it[2] is not None]
-        for index, name, _, error in items:
-            if error is not None:
-                results[index] = self._failed(name, error)
-        good.sort(key=lambda it: self.backend.frame(it[2].size))
+        framed = []
+        for index, name, image, error in items:
+            if image is None:
+                results[index] = self._failed(name, str(error))
+                continue
+            try:  # an image the model cannot take (aspect ratio over 200): its own error
+                frame = self.backend.frame(image.size)
+            except Exception as exc:
+                results[index] = self._result(name, image, exc, query, text)
+                continue
+            framed.append((frame, index, name, image))
+        framed.sort(key=lambda it: it[0])
+        good = [(index, name, image, None) for _, index, name, image in framed]
         for start in range(0, len(good), size):
             batch = good[start : start + size]
             outputs = self.backend.generate(
