@@ -37,8 +37,6 @@ from grounding.testing.loopback import (
     tokenize,
 )
 
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
-
 GRAY = (128, 128, 128)
 RED = (255, 0, 0)
 PROMPT = "the red box"
@@ -194,22 +192,28 @@ def test_exif_rotated_jpegs_land_on_the_object_as_displayed(tmp_path, dialect):
 # ----------------------------------------------------------------- what the server gets
 
 
-@pytest.mark.parametrize("dialect,size", [
-    ("qwen2.5-vl", (333, 250)),   # upscaled to the budget's minimum
-    ("qwen3-vl", (900, 700)),     # downscaled under max_pixels
-    ("qwen-vl", (200, 300)),      # fixed 448 x 448
-    ("deepseek-vl2", (120, 90)),  # sent as it is
+@pytest.mark.parametrize("dialect,size,frame", [
+    # upscaled to the budget's minimum (200,704 px): smart_resize, sides multiples of 28
+    ("qwen2.5-vl", (333, 250), (532, 392)),
+    # downscaled under max_pixels (300,000): sides multiples of 32
+    ("qwen3-vl", (900, 700), (608, 480)),
+    # Qwen-VL's visual encoder takes 448 x 448 whatever the image (its 0-1000 coordinates
+    # are relative to that frame): the server gets exactly that
+    ("qwen-vl", (200, 300), (448, 448)),
+    ("deepseek-vl2", (120, 90), (120, 90)),  # tiles itself: sent as it is
 ])
-def test_server_receives_the_model_frame_pixel_for_pixel(tmp_path, dialect, size):
+def test_server_receives_the_model_frame_pixel_for_pixel(tmp_path, dialect, size, frame):
     path = tmp_path / "rotated.png"
     save_oriented(path, scene(size, rect_for(size)), 6, "PNG")  # EXIF on disk, upright in RAM
     upright = load_image(path)
     assert upright.size == size
     with LoopbackServer(handler=grounding_handler(dialect)) as server:
         backend = backend_for(server, dialect, max_pixels=SMALL_BUDGET)
-        Detector(backend).detect(path, prompt=PROMPT)
+        result = Detector(backend).detect(path, prompt=PROMPT)
         (request,) = server.completions
-    frame = backend.frame(size)
+    assert backend.frame(size) == frame
+    assert tuple(result.input_size) == frame  # the frame the coordinates refer to
+    assert (result.width, result.height) == size
     ((media_type, _),) = request.image_bytes()
     assert media_type == "image/png"
     got = request.image()
@@ -425,13 +429,54 @@ def test_after_max_retries_the_image_gets_an_error_record():
     assert record["error"] == result.error and record["detections"] == []
 
 
-def test_connection_refused_is_an_error_record():
+def free_port() -> int:
+    """A port where nothing listens (the server that had it has stopped)."""
     with LoopbackServer() as server:
-        url = server.base_url
-    backend = OpenAIBackend("m", base_url=url, dialect="qwen2.5-vl", max_retries=1,
-                            backoff=0.01, timeout=2.0)
+        return server.port
+
+
+def test_connection_refused_is_reported_as_such_at_once():
+    """Nothing listens at the port: the SDK over aiohttp raises "Request timed out." within
+    milliseconds; the error says what happened, is marked ``connection`` and comes after
+    a few quick retries, not the full backoff (about 15 s with the defaults)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    backend = OpenAIBackend("m", base_url=url, dialect="qwen2.5-vl")  # default retries
+    started = time.perf_counter()
+    (error,) = backend.generate([Request(one_image(), "p")])
+    elapsed = time.perf_counter() - started
     (result,) = Detector(backend).detect_many([one_image()], prompt=PROMPT)
+    backend.close()
+    assert elapsed < 3.0, elapsed
+    assert isinstance(error, RemoteError)
+    assert error.connection is True and error.retryable is True and error.status is None
+    assert str(error).startswith(f"cannot connect to http://127.0.0.1:{port}: connection "
+                                 "refused")
+    assert "timed out" not in str(error)
     assert result.error and "RemoteError" in result.error
+    assert f"cannot connect to http://127.0.0.1:{port}: connection refused" in result.error
+
+
+def test_connection_refused_when_listing_models_is_a_connection_error():
+    port = free_port()
+    started = time.perf_counter()
+    with pytest.raises(RemoteError, match="connection refused") as caught:
+        OpenAIBackend(base_url=f"http://127.0.0.1:{port}/v1")
+    assert time.perf_counter() - started < 3.0
+    assert caught.value.connection and caught.value.status is None
+
+
+def test_other_failures_are_not_connection_errors():
+    """Only a connection that cannot be made is ``connection``: not an HTTP error, not a
+    server that hangs up or answers too late."""
+    cases = [(server_error(503), {}), (dropped(), {}), (slow(5.0), {"timeout": 0.3}),
+             (openai_error(400, "bad"), {})]
+    for fault, options in cases:
+        with LoopbackServer(handler=scripted([], lambda r, f=fault: f)) as server:
+            (error,) = backend_for(server, max_retries=1, **options).generate(
+                [Request(one_image(), "p")])
+        assert isinstance(error, RemoteError) and error.connection is False, (fault, error)
+    assert "timed out" in str(error) or "400" in str(error)
 
 
 @pytest.mark.parametrize("fault,text", [
@@ -451,14 +496,38 @@ def test_provider_error_bodies_become_one_clear_message(fault, text):
     assert "\n" not in result.error
 
 
-@pytest.mark.parametrize("fault", [garbage(), no_choices(), Reply(200, {"choices": []}),
-                                   Reply(200, b""), Reply(200, [1, 2, 3])],
-                         ids=["html", "no-choices", "empty-choices", "empty-body", "list"])
+@pytest.mark.parametrize("fault", [no_choices(), Reply(200, {"choices": []}),
+                                   Reply(200, [1, 2, 3])],
+                         ids=["no-choices", "empty-choices", "list"])
 def test_malformed_answers_are_error_records(fault):
     with LoopbackServer(handler=scripted([fault], good())) as server:
         result, _ = run_one(server)
+        assert server.calls == 1  # an answer, just not one with text: not asked again
     assert result.error and "RemoteError" in result.error, result.error
     assert result.boxes == []
+
+
+@pytest.mark.parametrize("fault", [garbage(), Reply(200, b""),
+                                   Reply(200, b'{"id": "chatcmpl-1", "choi')],
+                         ids=["html", "empty-body", "cut"])
+def test_a_200_answer_that_is_not_json_is_retried_like_a_5xx(fault):
+    """A proxy's HTML page or a cut connection under HTTP 200 is no answer at all."""
+    with LoopbackServer(handler=scripted([fault, fault], good())) as server:
+        result, _ = run_one(server)
+        assert server.calls == 3
+    only_box(result)
+
+
+def test_a_200_answer_that_is_never_json_becomes_an_error_record():
+    with LoopbackServer(handler=scripted([], lambda r: garbage())) as server:
+        backend = backend_for(server, max_retries=2)
+        (error,) = backend.generate([Request(one_image(), "p")])
+        result, _ = run_one(server, max_retries=2)
+        assert server.calls == 6
+    assert isinstance(error, RemoteError) and error.retryable and not error.connection
+    assert "not JSON" in str(error) and "502 Bad Gateway" in str(error)
+    assert "gave up after 3 attempts" in str(error)
+    assert result.error and "not JSON" in result.error and result.boxes == []
 
 
 def test_a_failing_image_does_not_sink_the_others():
@@ -597,6 +666,35 @@ def test_api_key_does_not_leak_from_exhausted_retries(monkeypatch, caplog):
     assert_no_secret([result], out, caplog)
 
 
+@pytest.mark.parametrize("headers", [
+    {"x-api-key": SECRET},
+    {"Authorization": f"Bearer {SECRET}"},
+    {"X-Goog-Api-Key": SECRET},
+    {"X-Custom-Token": SECRET, "X-Trace": "abc"},
+], ids=["x-api-key", "authorization", "name-with-key", "name-with-token"])
+def test_a_key_given_as_a_header_never_leaks(caplog, headers):
+    """--header "x-api-key: ..." is sent as it is and scrubbed like --api-key-env's key."""
+    caplog.set_level(logging.DEBUG)
+
+    def echo(request):
+        seen = ", ".join(f"{k}={v}" for k, v in request.headers.items())
+        if request.index % 2 == 0:
+            return server_error(503, f"upstream saw {seen}")
+        return openai_error(401, f"Incorrect API key provided: {seen}")
+
+    with LoopbackServer(handler=echo) as server:
+        backend = backend_for(server, headers=headers, max_retries=1, concurrency=1)
+        out = backend.generate([Request(one_image(), "p")])
+        (result,) = Detector(backend).detect_many([one_image()], prompt=PROMPT)
+        sent = server.completions[0].headers
+    for name, value in headers.items():
+        assert sent[name.lower()] == value  # sent unchanged
+    assert isinstance(out[0], RemoteError) and "Incorrect API key provided" in str(out[0])
+    assert "***" in str(out[0]) and "***" in result.error
+    assert any("***" in r.getMessage() for r in caplog.records)  # the 503 retry's line
+    assert_no_secret([result], out, caplog)
+
+
 def test_missing_api_key_variable_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("LOOPBACK_NO_SUCH_KEY", raising=False)
     with LoopbackServer() as server, pytest.raises(GroundingError, match="LOOPBACK_NO_SUCH_KEY"):
@@ -659,6 +757,20 @@ def test_server_without_logprobs_support_still_answers():
         result, _ = run_one(server, logprobs=True)
         assert server.calls == 2
         assert "logprobs" not in server.completions[1].json
+        assert "top_logprobs" not in server.completions[1].json
+    only_box(result)
+    assert result.generation.token_logprobs is None
+
+
+def test_after_logprobs_are_refused_the_retry_is_one_vllm_accepts():
+    """vLLM started with --max-logprobs 5 refuses top_logprobs 10; asked again without
+    logprobs, the request must not keep top_logprobs: vLLM refuses that too ("when using
+    `top_logprobs`, `logprobs` must be set to true"), and so does the loopback server."""
+    with LoopbackServer(handler=good(), max_logprobs=5) as server:
+        result, _ = run_one(server, logprobs=True)
+        first, retry = server.completions
+    assert first.json["logprobs"] is True and first.json["top_logprobs"] == 10
+    assert "logprobs" not in retry.json and "top_logprobs" not in retry.json
     only_box(result)
     assert result.generation.token_logprobs is None
 
@@ -791,7 +903,7 @@ def test_aclose_closes_the_clients_of_the_running_loop():
     async def use(server) -> list:
         backend = backend_for(server)
         out = await backend.agenerate([Request(one_image(), "p")])
-        clients = list(backend._clients[id(asyncio.get_running_loop())])
+        clients = list(backend._pools[asyncio.get_running_loop()].clients)
         await backend.aclose()
         return [out, clients]
 

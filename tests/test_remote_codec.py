@@ -7,7 +7,10 @@ import asyncio
 import base64
 import email.utils
 import io
+import itertools
 import json
+import math
+import socket
 import time
 
 import numpy as np
@@ -20,12 +23,16 @@ from grounding.backends.remote import RemoteError, json_schema
 from grounding.backends.remote.codec import ImageEncoder, chat_body, read_generation
 from grounding.backends.remote.gate import OrderedGate
 from grounding.backends.remote.retry import (
+    CONNECT_RETRIES,
     MAX_RETRY_AFTER,
     RetryPolicy,
+    credentials,
     describe_status,
+    origin,
     provider_message,
     retry_after,
     retryable_status,
+    transport_failure,
 )
 
 
@@ -182,8 +189,27 @@ def test_logprobs_and_content_parts_are_read():
     assert generation.top_logprobs == [{"yes": -0.1, "no": -2.5}, {}]
 
 
+def test_top_logprobs_with_the_same_text_are_summed_not_overwritten():
+    """A real vLLM answer with top_logprobs 10 had alternatives that decode to the same
+    text (byte fragments of one character each decode to U+FFFD; '' twice): kept in a
+    dict by text, the later overwrote the earlier and 10 alternatives became 7."""
+    top = [("Yes", 0.40), ("\ufffd", 0.10), ("No", 0.20), ("Yes", 0.15), ("\ufffd", 0.05),
+           ("", 0.02), ("No", 0.03), ("", 0.01), ("\ufffd", 0.02), ("maybe", 0.01)]
+    entries = [{"token": "Yes", "logprob": math.log(0.40),
+                "top_logprobs": [{"token": t, "logprob": math.log(p),
+                                  "bytes": [0xE4] if t == "\ufffd" else list(t.encode())}
+                                 for t, p in top]}]
+    generation = read_generation(answer("Yes", logprobs={"content": entries}), (8, 8))
+    (alternatives,) = generation.top_logprobs
+    assert set(alternatives) == {"Yes", "\ufffd", "No", "", "maybe"}
+    expected = {"Yes": 0.55, "\ufffd": 0.17, "No": 0.23, "": 0.03, "maybe": 0.01}
+    for text, p in expected.items():
+        assert math.exp(alternatives[text]) == pytest.approx(p, rel=1e-12), text
+    # nothing lost: the probabilities of the 10 alternatives still add up
+    assert sum(math.exp(v) for v in alternatives.values()) == pytest.approx(0.99, rel=1e-12)
+
+
 @pytest.mark.parametrize(("text", "match"), [
-    ("<html>Bad gateway</html>", "not JSON: '<html>Bad gateway</html>'"),
     (answer(None), "no text content"),
     (json.dumps({"id": "x"}), "no choices in the answer"),
 ])
@@ -191,6 +217,15 @@ def test_an_answer_without_text_is_a_final_error(text, match):
     with pytest.raises(RemoteError, match=match) as caught:
         read_generation(text, (8, 8))
     assert not caught.value.retryable
+
+
+@pytest.mark.parametrize("text", ["<html>Bad gateway</html>", "", '{"id": "x", "choi'])
+def test_a_body_that_is_not_json_is_worth_a_retry(text):
+    """A proxy's error page or a cut connection under HTTP 200 passes like a 5xx."""
+    with pytest.raises(RemoteError, match="not JSON") as caught:
+        read_generation(text, (8, 8))
+    assert caught.value.retryable and not caught.value.connection
+    assert caught.value.status is None
 
 
 def test_a_qianfan_error_under_http_200_is_read_and_retried_only_when_busy():
@@ -265,6 +300,17 @@ def test_the_server_wait_is_honoured_up_to_max_retry_after():
     assert policy.delay(2, asked=3600.0) == MAX_RETRY_AFTER
 
 
+def test_a_failed_connection_gets_few_quick_retries():
+    policy = RetryPolicy(max_retries=5, backoff=0.5, max_backoff=30.0)
+    waits = [policy.delay(a, connection=True) for a in range(6)]
+    assert waits[CONNECT_RETRIES:] == [None] * (6 - CONNECT_RETRIES)
+    assert all(w is not None and w <= 0.1 * 2**a for a, w in enumerate(waits[:CONNECT_RETRIES]))
+    assert RetryPolicy(max_retries=1, backoff=0.5, max_backoff=30.0).delay(
+        1, connection=True) is None
+    assert RetryPolicy(max_retries=0, backoff=0.5, max_backoff=30.0).delay(
+        0, connection=True) is None
+
+
 def test_no_wait_once_retries_are_spent():
     policy = RetryPolicy(max_retries=2, backoff=0.1, max_backoff=1.0)
     assert policy.delay(1) is not None
@@ -306,3 +352,86 @@ def test_the_gate_admits_in_ticket_order_whatever_order_holders_come_in():
         return order
 
     assert asyncio.run(main()) == [0, 1, 3]
+
+
+# -- what a failure without an answer says -----------------------------------------------
+
+
+def chained(*exceptions: BaseException) -> BaseException:
+    """exceptions[0] raised from exceptions[1] raised from ... (as the SDK chains them)."""
+    for outer, inner in itertools.pairwise(exceptions):
+        outer.__cause__ = inner
+    return exceptions[0]
+
+
+class ConnectTimeout(Exception):
+    """Stands for httpx2.ConnectTimeout: judged by name, whichever httpx is installed."""
+
+
+class ConnectError(Exception):
+    pass
+
+
+def test_origin():
+    assert origin("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000"
+    assert origin("https://api.example.com/v1") == "https://api.example.com:443"
+    assert origin("http://gpu-box/v1") == "http://gpu-box:80"
+
+
+def test_a_refused_connection_is_named_from_the_cause_chain():
+    """The SDK over aiohttp says "Request timed out." for a refused connection; the
+    cause chain says what happened."""
+    import aiohttp
+    import openai
+
+    refused = ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 9)")
+    exc = chained(openai.APITimeoutError(request=None),
+                  ConnectTimeout("Cannot connect to host 127.0.0.1:9 ssl:default"),
+                  aiohttp.ClientConnectorError(None, refused), refused)
+    message, connection = transport_failure(exc, "http://127.0.0.1:9/v1", 120.0)
+    assert message == "cannot connect to http://127.0.0.1:9: connection refused"
+    assert connection
+    # over httpx: APIConnectionError from ConnectError from OSError from the refusal
+    exc = chained(openai.APIConnectionError(request=None), ConnectError("All attempts failed"),
+                  OSError("All connection attempts failed"), refused)
+    assert transport_failure(exc, "http://127.0.0.1:9/v1") == (
+        "cannot connect to http://127.0.0.1:9: connection refused", True)
+
+
+def test_an_unknown_host_is_a_connection_failure():
+    import aiohttp
+    import openai
+
+    gai = socket.gaierror(-2, "Name or service not known")
+    exc = chained(openai.APITimeoutError(request=None), ConnectTimeout("Cannot connect"),
+                  aiohttp.ClientConnectorDNSError(None, gai), gai)
+    message, connection = transport_failure(exc, "http://gpu-box.invalid:8000/v1")
+    assert connection
+    assert message == ("cannot connect to http://gpu-box.invalid:8000: host not found "
+                       "(Name or service not known)")
+
+
+def test_a_dropped_connection_or_a_slow_answer_is_not_a_connection_failure():
+    import aiohttp
+    import openai
+
+    dropped = chained(openai.APITimeoutError(request=None), ConnectTimeout("Server disconnected"),
+                      aiohttp.ServerDisconnectedError("Server disconnected"))
+    message, connection = transport_failure(dropped, "http://127.0.0.1:9/v1")
+    assert not connection and message.startswith("connection to http://127.0.0.1:9 dropped")
+    slow = chained(openai.APITimeoutError(request=None),
+                   aiohttp.SocketTimeoutError("Timeout on reading data from socket"))
+    message, connection = transport_failure(slow, "http://127.0.0.1:9/v1", 2.5)
+    assert not connection
+    assert message == "no answer from http://127.0.0.1:9 after 2.5 s (timed out)"
+
+
+def test_credentials_are_every_auth_like_header_value_and_the_key():
+    headers = {"Authorization": "Bearer sk-abc123456", "x-api-key": "seg-0987654321",
+               "Api-Key": "azure-key-1", "X-Custom-Token": "tok-5555", "X-Client-Secret": "shh!",
+               "X-Auth-Mode": "on", "X-Trace": "trace-id-not-secret", "Accept": "text/plain"}
+    found = credentials(headers, key="env-key-42")
+    assert set(found) == {"Bearer sk-abc123456", "sk-abc123456", "seg-0987654321",
+                          "azure-key-1", "tok-5555", "shh!", "env-key-42"}
+    assert found == sorted(found, key=len, reverse=True)  # longest first
+    assert credentials({}, None) == [] and credentials(None, "k") == ["k"]

@@ -32,8 +32,6 @@ from grounding.pipeline.verify import (
 from grounding.testing import tiny_checkpoint
 from grounding.testing.loopback import LoopbackServer, Reply, grounding_handler
 
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
-
 GRAY = (128, 128, 128)
 RED = (255, 0, 0)
 BLUE = (0, 0, 255)
@@ -258,6 +256,63 @@ def test_tiny_model_has_no_yes_or_no_token_so_boxes_stay_unscored(tiny, monkeypa
     assert all(b.attributes["verify_score"] is None for r in out for b in r.boxes)
     assert all("unverified" not in r.dropped for r in out)
     assert all("verify_score" not in b.attributes for r in results for b in r.boxes)
+
+
+def test_tiny_model_alternatives_with_the_same_text_are_summed(tiny, monkeypatch):
+    """Token ids that decode to the same text (byte fragments, '') are one alternative
+    with their summed probability, not the last one seen: here every odd id is made to
+    read "same", so the top 10 hold about five colliding ids."""
+    crop = noise(120, 90, 5)
+    prompt = verify_prompt("cat")
+    frame = tiny.frame(crop.size)
+    inputs = tiny.processor(text=[tiny._chat(Request(crop, prompt))],
+                            images=[crop.resize(frame, Image.Resampling.BICUBIC)],
+                            return_tensors="pt", do_resize=False)
+    with torch.inference_mode():
+        logits = tiny.net(**inputs).logits[0, -1]
+    values, ids = torch.log_softmax(logits.float(), -1).topk(10)
+    odd = [v for i, v in zip(ids.tolist(), values.tolist(), strict=True) if i % 2]
+    assert len(odd) >= 2, "pick another crop: fewer than two odd ids in the top 10"
+    real = tiny.token_texts
+    monkeypatch.setattr(tiny, "token_texts", lambda batch: [
+        "same" if i % 2 else f"even{i}" for i, _ in zip(batch, real(batch), strict=True)])
+    (generation,) = tiny.generate([Request(crop, prompt, max_new_tokens=1)])
+    top = generation.top_logprobs[0]
+    assert len(top) == 10 - len(odd) + 1
+    assert top["same"] == pytest.approx(float(torch.tensor(odd).logsumexp(0)), abs=1e-5)
+    for i, v in zip(ids.tolist(), values.tolist(), strict=True):
+        if not i % 2:
+            assert top[f"even{i}"] == pytest.approx(v, abs=1e-5)
+    # no probability lost: the alternatives still add up to the top 10's mass
+    assert sum(math.exp(v) for v in top.values()) == pytest.approx(
+        float(values.exp().sum()), rel=1e-4)
+
+
+def test_loopback_yes_and_no_split_over_tokens_of_the_same_text_add_up():
+    """A server's top_logprobs may list two tokens that read "Yes" (and '' twice): the
+    yes/no probability must count both, not the last one listed."""
+
+    def split_answer(request) -> Reply:
+        top = [("Yes", 0.30), ("No", 0.20), ("", 0.05), ("Yes", 0.30), ("No", 0.05),
+               ("", 0.05)]
+        entries = [{"token": t, "logprob": math.log(p), "bytes": list(t.encode())}
+                   for t, p in top]
+        choice = {"index": 0, "message": {"role": "assistant", "content": "Yes"},
+                  "finish_reason": "length",
+                  "logprobs": {"content": [{"token": "Yes", "logprob": math.log(0.30),
+                                            "bytes": list(b"Yes"), "top_logprobs": entries}]}}
+        return Reply(200, {"id": "chatcmpl-split", "object": "chat.completion", "created": 0,
+                           "model": request.model, "choices": [choice]})
+
+    with LoopbackServer(handler=split_answer) as server:
+        backend = backend_for(server)
+        (generation,) = backend.generate([Request(scene((40, 40)), "Is this a cat? Answer "
+                                                  "yes or no.", task="text",
+                                                  max_new_tokens=1)])
+        backend.close()
+    assert math.exp(generation.top_logprobs[0]["Yes"]) == pytest.approx(0.60)
+    assert math.exp(generation.top_logprobs[0][""]) == pytest.approx(0.10)
+    assert verification_score(generation) == pytest.approx(0.60 / 0.85)
 
 
 def test_tiny_model_scores_are_its_own_first_token_probabilities(tiny, monkeypatch):
@@ -492,7 +547,8 @@ def test_cli_detect_verify(tmp_path):
     assert to_dir.exit_code == 0, to_dir.output
     saved = json.loads((tmp_path / "out" / "a1.json").read_text())
     assert saved["detections"][0]["attributes"]["verify_score"] == pytest.approx(0.8)
-    assert Image.open(tmp_path / "out" / "a1.jpg").size == (160, 100)
+    with Image.open(tmp_path / "out" / "a1.jpg") as overlay:
+        assert overlay.size == (160, 100)
     # The box schema constrains detection requests only, never the yes/no questions.
     assert schema.exit_code == 0, schema.output
     asks = [b for b in bodies if b.get("max_tokens") == 1]

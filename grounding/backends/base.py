@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -12,6 +14,25 @@ from grounding.core.geometry import Size
 
 TOP_LOGPROBS = 10
 """How many alternatives per generated token the backends keep."""
+
+
+def alternatives(pairs: Iterable[tuple[str, float]]) -> dict[str, float]:
+    """One step's alternatives as ``{text: log-probability}``; tokens that decode to the
+    same text (byte fragments that each decode to U+FFFD, empty strings, the same word
+    under two ids) are one entry whose probability is the sum of theirs (log-sum-exp),
+    so no alternative is lost and the probabilities still add up."""
+    out: dict[str, float] = {}
+    for text, logprob in pairs:
+        logprob = float(logprob)
+        seen = out.get(text)
+        if seen is None:
+            out[text] = logprob
+        elif seen == -math.inf or logprob == -math.inf:
+            out[text] = max(seen, logprob)
+        else:
+            high, low = max(seen, logprob), min(seen, logprob)
+            out[text] = high + math.log1p(math.exp(low - high))
+    return out
 
 
 @dataclass(frozen=True)
@@ -48,7 +69,9 @@ class Generation:
     token_logprobs: list[float] | None = None
     top_logprobs: list[dict[str, float]] | None = None
     """Per generated token, the TOP_LOGPROBS most likely tokens and their log-probabilities
-    (what a yes/no question is read from)."""
+    (what a yes/no question is read from), keyed by token text: tokens with the same
+    text share one entry holding their summed probability (:func:`alternatives`), so
+    a step may have fewer than TOP_LOGPROBS entries."""
     timings: dict[str, float] = field(default_factory=dict)
 
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-from grounding.backends.base import TOP_LOGPROBS, Generation, Request
+from grounding.backends.base import TOP_LOGPROBS, Generation, Request, alternatives
 from grounding.backends.options import DEFAULT_MODEL as DEFAULT_MODEL  # re-exported
 from grounding.backends.options import LocalOptions
 from grounding.backends.placement import Machine, check_device, plan
@@ -267,8 +267,9 @@ class LocalBackend:
                 generation.tokens = self.token_texts(ids)
                 generation.token_logprobs = logprobs[b, :n].tolist()
                 generation.top_logprobs = [
-                    dict(zip(self.token_texts(top_ids[b, i].tolist()),
-                             top_values[b, i].tolist(), strict=True)) for i in range(n)]
+                    alternatives(zip(self.token_texts(top_ids[b, i].tolist()),
+                                     top_values[b, i].tolist(), strict=True))
+                    for i in range(n)]
             results.append(generation)
         t3 = time.perf_counter()
         n = len(requests)

@@ -41,6 +41,18 @@ tuple whose body is bytes, text or a JSON-able value. Ready-made behaviours:
 most ``C`` requests served at once (the rest queue), the shape of a real inference server
 for throughput benchmarks. Every request is recorded (``server.requests``) and the most
 requests in flight at once is kept (``server.max_in_flight``).
+
+Chat requests are checked as vLLM checks them before any handler sees them
+(:func:`chat_request_problem`): a body vLLM answers with 400 gets that 400 here too
+(``validate=False`` turns it off), so a client that sends what vLLM refuses fails its
+tests here rather than against a real server.
+
+From the command line, for trying ``--backend openai`` offline::
+
+    python -m grounding.testing.loopback --port 8000 --dialect qwen2.5-vl [--latency 0.2]
+
+serves :func:`grounding_handler` answers for that dialect and prints its base URL; Ctrl-C
+or SIGTERM stops it.
 """
 
 from __future__ import annotations
@@ -73,6 +85,7 @@ __all__ = [
     "Reply",
     "answer_text",
     "as_reply",
+    "chat_request_problem",
     "completion",
     "dashscope_error",
     "decode_data_url",
@@ -91,12 +104,16 @@ __all__ = [
     "slow",
     "token_logprob",
     "tokenize",
+    "vllm_error",
 ]
 
 DEFAULT_PATH = "/v1/chat/completions"
 DEFAULT_MODELS = ("loopback-qwen2.5-vl",)
 FIXED_ANSWER = '```json\n[{"bbox_2d": [10, 20, 110, 120], "label": "object"}]\n```'
 MAX_BODY_BYTES = 256 * 1024 * 1024
+MAX_LOGPROBS = 20
+"""The most ``top_logprobs`` a request may ask for (vLLM's ``--max-logprobs`` default)."""
+ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 
 
 # ------------------------------------------------------------------------------ requests
@@ -264,6 +281,77 @@ async def _call(handler: Callable[[LoopbackRequest], Any], request: LoopbackRequ
     if inspect.isawaitable(value):
         value = await value
     return as_reply(value)
+
+
+# ------------------------------------------------------------- vLLM's request checks
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def chat_request_problem(body: Any, max_logprobs: int = MAX_LOGPROBS) -> str | None:
+    """Why vLLM would answer this chat-completions body with 400, or None when it would
+    take it. The checks of vLLM's ChatCompletionRequest and sampling parameters that a
+    client can trip over:
+
+    * the body is a JSON object with a non-empty ``messages`` list of objects, each with
+      a known ``role``;
+    * ``logprobs`` is a boolean; ``top_logprobs`` an integer from 0 to ``max_logprobs``
+      (vLLM's ``--max-logprobs``, 20), and above 0 only with ``logprobs`` true ("when
+      using `top_logprobs`, `logprobs` must be set to true");
+    * ``max_tokens`` / ``max_completion_tokens`` are integers of at least 1;
+    * ``temperature`` is a non-negative number; ``n`` an integer of at least 1.
+    """
+    if not isinstance(body, dict):
+        return "the request body must be a JSON object"
+    messages = body.get("messages")
+    if messages is None:
+        return "messages: Field required"
+    if not isinstance(messages, list) or not messages:
+        return "messages: Input should be a non-empty list of messages"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            return f"messages.{i}: a message needs a role among {', '.join(sorted(ROLES))}"
+    logprobs = body.get("logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        return "logprobs: Input should be a valid boolean"
+    top = body.get("top_logprobs")
+    if top is not None:
+        if not _is_int(top):
+            return "top_logprobs: Input should be a valid integer"
+        if top < 0:
+            return "Value error, `top_logprobs` must be a positive value."
+        if top > 0 and not logprobs:
+            return "Value error, when using `top_logprobs`, `logprobs` must be set to true."
+        if top > max_logprobs:
+            return (f"Requested sample logprobs of {top}, which is greater than max allowed: "
+                    f"{max_logprobs}")
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if value is None:
+            continue
+        if not _is_int(value):
+            return f"{key}: Input should be a valid integer"
+        if value < 1:
+            return f"max_tokens must be at least 1, got {value}."
+    temperature = body.get("temperature")
+    if temperature is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, int | float):
+            return "temperature: Input should be a valid number"
+        if temperature < 0:
+            return f"temperature must be non-negative, got {temperature}."
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or n < 1):
+        return f"n must be at least 1, got {n}."
+    return None
+
+
+def vllm_error(message: str, status: int = 400) -> Reply:
+    """vLLM's error answer: ``{"error": {"message", "type", "param", "code"}}``."""
+    kind = "BadRequestError" if status == 400 else HTTPStatus(status).phrase.replace(" ", "")
+    return Reply(status, {"error": {"message": message, "type": kind, "param": None,
+                                    "code": status}})
 
 
 # ------------------------------------------------------------- OpenAI-style completions
@@ -525,6 +613,9 @@ class LoopbackServer:
     ones wait their turn (None: no limit). ``lifetime``: stop
     by itself after this many seconds whatever happens (a safety net for demos).
     ``record=False`` keeps no request bodies (long benchmarks); counters still work.
+    ``validate``: answer a chat request that vLLM would refuse with vLLM's 400
+    (:func:`chat_request_problem`) without calling the handler; ``max_logprobs``: the
+    most ``top_logprobs`` accepted (vLLM's ``--max-logprobs``).
     """
 
     def __init__(self, handler: Handler | None = None, *, path: str = DEFAULT_PATH,
@@ -532,7 +623,8 @@ class LoopbackServer:
                  capacity: int | None = None,
                  models: Sequence[str] = DEFAULT_MODELS, models_path: str = "/v1/models",
                  lifetime: float | None = None,
-                 record: bool = True) -> None:
+                 record: bool = True, validate: bool = True,
+                 max_logprobs: int = MAX_LOGPROBS) -> None:
         if not path.startswith("/"):
             raise ValueError(f"path must start with '/': {path!r}")
         if capacity is not None and capacity < 1:
@@ -546,6 +638,8 @@ class LoopbackServer:
         self.models = list(models)
         self.lifetime = lifetime
         self.record = record
+        self.validate = validate
+        self.max_logprobs = max_logprobs
         self.models_path = models_path
         self.requests: list[LoopbackRequest] = []
         """Every request received, in arrival order (when ``record``)."""
@@ -704,6 +798,10 @@ class LoopbackServer:
             self._tasks.discard(task)
 
     async def _answer(self, request: LoopbackRequest) -> Reply:
+        if self.validate:
+            problem = chat_request_problem(request.json, self.max_logprobs)
+            if problem is not None:  # vLLM refuses before the model sees anything
+                return vllm_error(problem)
         if self.latency > 0:
             delay = self.latency
             if self.jitter:
@@ -717,3 +815,63 @@ class LoopbackServer:
         if reply.delay > 0:
             await asyncio.sleep(reply.delay)
         return reply
+
+
+# ----------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m grounding.testing.loopback``: serve a perfect grounding model offline
+    until Ctrl-C or SIGTERM."""
+    import argparse
+    import signal
+    import sys
+
+    from grounding.core.dialects import DIALECTS, get_dialect
+
+    parser = argparse.ArgumentParser(
+        prog="python -m grounding.testing.loopback",
+        description="An OpenAI-compatible server on 127.0.0.1 that answers like a perfect "
+                    "grounding model: the box of the pure-red pixels of the image it gets, "
+                    "in the dialect's syntax and frame (an empty answer when there are "
+                    "none). For trying --backend openai without a GPU or a network.")
+    parser.add_argument("--port", type=int, default=8000, help="port (0: any free one)")
+    parser.add_argument("--dialect", default="qwen2.5-vl", choices=sorted(DIALECTS),
+                        help="how the answers are written (default qwen2.5-vl)")
+    parser.add_argument("--latency", type=float, default=0.0,
+                        help="seconds each answer takes (default 0)")
+    parser.add_argument("--label", default="red box", help="the label of the box")
+    parser.add_argument("--model", default=None,
+                        help="the model name /v1/models lists (default loopback-DIALECT, "
+                             "from which grounding guesses the dialect)")
+    args = parser.parse_args(argv)
+    dialect = get_dialect(args.dialect)
+    model = args.model or f"loopback-{dialect.name}"
+    server = LoopbackServer(handler=grounding_handler(dialect, label=args.label),
+                            port=args.port, latency=args.latency, models=[model],
+                            record=False)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    try:
+        server.start()
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"loopback server ({dialect.name}, model {model}) at {server.base_url}; "
+          "Ctrl-C stops it", flush=True)
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.stop()
+    print("loopback server stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -10,6 +10,10 @@ Relative dialects (Qwen2-VL, Qwen3-VL, DeepSeek-VL2) are exact whatever the serv
 This module is the backend itself: what it is asked, in what order, and when to try a
 request again. What goes over the wire is in codec.py, when a failure is worth a retry
 in retry.py, the input-order gate in gate.py, the event loop and HTTP pools in loop.py.
+
+Nothing is sent for a request whose result nobody will read: leaving ``stream()`` early
+(``break``, the generator closed or collected) or ``close()`` cancels every request not
+yet answered, those waiting for a slot included (a paid API bills what is sent).
 """
 
 from __future__ import annotations
@@ -30,14 +34,22 @@ from grounding.backends.base import Generation, Request
 from grounding.backends.options import RemoteOptions
 from grounding.backends.remote.codec import ImageEncoder, chat_body, read_generation
 from grounding.backends.remote.gate import OrderedGate
-from grounding.backends.remote.loop import encoder_pool, new_loop, open_clients, shutdown
+from grounding.backends.remote.loop import (
+    ClientPool,
+    encoder_pool,
+    open_clients,
+    shutdown,
+    start_loop,
+)
 from grounding.backends.remote.retry import (
     RemoteError,
     RetryPolicy,
+    credentials,
     describe_status,
     provider_message,
     retry_after,
     retryable_status,
+    transport_failure,
 )
 from grounding.core.dialects import Dialect, get_dialect, guess_dialect
 from grounding.core.geometry import Size, model_frame, resolve_budget
@@ -50,7 +62,9 @@ class OpenAIBackend:
 
     The API key is read from the environment variable ``api_key_env`` (never a value on
     the command line) and sent as ``Authorization: Bearer KEY``, or bare in
-    ``api_key_header`` (Segmind: ``x-api-key``). ``endpoint`` is the path under
+    ``api_key_header`` (Segmind: ``x-api-key``). That key, and the value of every
+    credential-like header in ``headers`` (retry.credentials), are replaced by ``***`` in
+    every error and log line. ``endpoint`` is the path under
     ``base_url`` (or a full URL) that takes the chat request. Without ``model`` the
     first one the server lists is used; without ``dialect`` it is guessed from the model
     name (an unknown name is an error, not a guess).
@@ -97,6 +111,9 @@ class OpenAIBackend:
         if key and api_key_header.lower() != "authorization":
             self._headers[api_key_header] = key
         self._auth_in_bearer = bool(key) and api_key_header.lower() == "authorization"
+        self._own_auth = any(k.lower() == "authorization" for k in self._headers)
+        """An Authorization header given in ``headers``: sent as it is."""
+        self._secrets = credentials(self._headers, key)
         self.timeout = timeout
         self.concurrency = max(1, concurrency)
         self.max_retries = max(0, max_retries)
@@ -115,12 +132,15 @@ class OpenAIBackend:
         """Put the text before the images in the message (Qianfan's examples do)."""
         self._images = ImageEncoder()
         self.extra_body = dict(extra_body or {})
-        self._clients: dict[int, list[Any]] = {}
+        self._pools: dict[asyncio.AbstractEventLoop, ClientPool] = {}
+        """The HTTP clients of each event loop in use (see loop.ClientPool)."""
         self._encoder = encoder_pool()
         self._turn = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_lock = threading.Lock()
         self._finalizer: weakref.finalize | None = None
+        self._outstanding: set[concurrent.futures.Future] = set()
+        """Work handed to the private loop and not finished: what close() cancels."""
         self.model = model or self._run(self._first_model())
         if dialect is None:
             dialect = guess_dialect(self.model)
@@ -138,7 +158,12 @@ class OpenAIBackend:
         return 4 * self.concurrency
 
     def frame(self, image_size: Size) -> Size:
-        """The size of the image sent for an original of ``image_size``."""
+        """The size of the image sent for an original of ``image_size``: the dialect's
+        model frame (Qwen-VL: always 448x448, what its visual encoder takes; its
+        coordinates are 0-1000 of that frame). A dialect without a resize rule
+        (DeepSeek-VL2, which tiles) gets the image itself, scaled under ``max_pixels``."""
+        if self.dialect.fixed_size is not None:
+            return self.dialect.fixed_size
         if self.dialect.factor is None:
             w, h = image_size
             if self.max_pixels and w * h > self.max_pixels:
@@ -151,68 +176,120 @@ class OpenAIBackend:
     # -- sync facade over a private event loop ------------------------------------------
 
     def _event_loop(self) -> asyncio.AbstractEventLoop:
-        """The private event loop, in a daemon thread of its own; closed with its HTTP
-        clients by close() or, failing that, when the backend is collected."""
+        """The private event loop, in a daemon thread of its own; stopped and closed, with
+        its HTTP clients, by close() or, failing that, when the backend is collected."""
         with self._loop_lock:
             if self._loop is None:
-                loop = self._loop = new_loop()
-                clients = self._clients[id(loop)] = []
-                threading.Thread(target=loop.run_forever, daemon=True,
-                                 name="grounding-remote").start()
-                self._finalizer = weakref.finalize(self, shutdown, loop, clients)
+                loop, thread = start_loop()
+                self._loop = loop
+                self._finalizer = weakref.finalize(self, shutdown, loop, thread)
             return self._loop
 
+    def _submit(self, coro: Coroutine, loop: asyncio.AbstractEventLoop
+                ) -> concurrent.futures.Future:
+        """Run ``coro`` on the private ``loop``; RemoteError if close() ended that loop."""
+        with self._loop_lock:
+            if self._loop is not loop:
+                coro.close()
+                raise RemoteError("the backend was closed while its requests were pending")
+            future = asyncio.run_coroutine_threadsafe(coro, loop)
+            self._outstanding.add(future)
+        future.add_done_callback(self._forget)
+        return future
+
+    def _forget(self, future: concurrent.futures.Future) -> None:
+        with self._loop_lock:
+            self._outstanding.discard(future)
+
+    @staticmethod
+    def _wait(future: concurrent.futures.Future) -> Any:
+        try:
+            return future.result()
+        except concurrent.futures.CancelledError:
+            raise RemoteError("the backend was closed while its requests were pending") from None
+
     def _run(self, coro: Coroutine) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._event_loop()).result()
+        return self._wait(self._submit(coro, self._event_loop()))
 
     def generate(self, requests: list[Request]) -> list[Generation | Exception]:
-        return self._run(self.agenerate(requests))
+        if not requests:
+            return []
+        try:
+            return self._run(self.agenerate(requests))
+        except RemoteError as exc:  # closed meanwhile: each request fails, none raises
+            return [exc] * len(requests)
 
     def stream(self, requests: Iterable[Request]) -> Iterator[Generation | Exception]:
         """Results in input order while ``concurrency`` requests stay in flight across the
         whole stream (no batch barriers); at most ``preferred_batch`` are queued ahead, so
-        memory stays bounded however long ``requests`` is."""
+        memory stays bounded however long ``requests`` is.
+
+        Leaving the loop early (``break``; the generator closed or collected) cancels
+        every request not answered yet: those not sent are never sent. close() during
+        the stream does the same, and the stream then raises RemoteError."""
         loop = self._event_loop()
         gate = OrderedGate(self.concurrency)
         pending: deque[concurrent.futures.Future] = deque()
-        for request in requests:
-            pending.append(asyncio.run_coroutine_threadsafe(self._gated(request, gate), loop))
-            if len(pending) >= self.preferred_batch:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        try:
+            for request in requests:
+                pending.append(self._submit(self._gated(request, gate), loop))
+                if len(pending) >= self.preferred_batch:
+                    yield self._wait(pending.popleft())
+            while pending:
+                yield self._wait(pending.popleft())
+        finally:
+            for future in pending:
+                future.cancel()
 
     def close(self) -> None:
-        """Close the HTTP connections and stop the private event loop and threads (a
-        later request starts them again)."""
+        """Cancel the requests not answered yet (nothing more is sent), close the HTTP
+        connections, stop and close the private event loop and its threads (a later
+        request starts them again)."""
         with self._loop_lock:
             loop, self._loop = self._loop, None
+            outstanding, self._outstanding = list(self._outstanding), set()
         if loop is None:
             return
-        self._clients.pop(id(loop), None)
+        for future in outstanding:
+            future.cancel()
         if self._finalizer is not None:
-            self._finalizer()
+            self._finalizer()  # shutdown: the loop's thread cancels, closes, and is joined
+        self._pools.pop(loop, None)
         old, self._encoder = self._encoder, encoder_pool()  # threads start on first use
-        old.shutdown(wait=False)
+        old.shutdown(wait=False, cancel_futures=True)
 
     async def aclose(self) -> None:
         """Close the HTTP clients that requests made on the running event loop (the async
-        API: agenerate() on your own loop)."""
-        clients = self._clients.pop(id(asyncio.get_running_loop()), [])
-        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+        API: agenerate() on your own loop). Not needed under ``asyncio.run``, which closes
+        them when its coroutine returns; a later agenerate() opens new ones."""
+        pool = self._pools.pop(asyncio.get_running_loop(), None)
+        if pool is not None:
+            await pool.close()
 
     # -- async core ---------------------------------------------------------------------
 
     def _client(self) -> Any:
         """An AsyncOpenAI client of the running event loop; requests rotate over its pool
-        (loop.open_clients)."""
-        clients = self._clients.setdefault(id(asyncio.get_running_loop()), [])
-        if not clients:  # filled in place: the private loop's finalizer holds this list
-            clients.extend(open_clients(self.concurrency, base_url=self.base_url,
-                                        api_key=self._key or "none", headers=self._headers,
-                                        timeout=self.timeout))
+        (loop.open_clients). The pool lives as long as the loop's tasks (loop.ClientPool):
+        short-lived loops do not pile up clients."""
+        loop = asyncio.get_running_loop()
+        pool = self._pools.get(loop)
+        if pool is None or not pool.clients:  # none yet, or closing
+            for other in [p for p in list(self._pools.values()) if p.loop.is_closed()]:
+                other.abandon()  # closed without cancelling its tasks: nothing to close on
+                self._pools.pop(other.loop, None)
+            pools = self._pools  # the pool's callback holds the dict, not the backend
+
+            def forget(done: ClientPool) -> None:
+                if pools.get(done.loop) is done:
+                    pools.pop(done.loop, None)
+
+            pool = self._pools[loop] = ClientPool(
+                open_clients(self.concurrency, base_url=self.base_url,
+                             api_key=self._key or "none", headers=self._headers,
+                             timeout=self.timeout), forget)
         self._turn += 1
-        return clients[self._turn % len(clients)]
+        return pool.clients[self._turn % len(pool.clients)]
 
     async def agenerate(self, requests: list[Request]) -> list[Generation | Exception]:
         gate = OrderedGate(self.concurrency)
@@ -246,12 +323,21 @@ class OpenAIBackend:
             return RemoteError(self._scrub(f"{type(exc).__name__}: {exc}"))
 
     async def _first_model(self) -> str:
-        text = await self._call(lambda c: c.get("/models", cast_to=str, options=self._options()),
-                                "GET /models")
-        try:
-            return json.loads(text)["data"][0]["id"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise RemoteError(f"{self.base_url}/models lists no model: pass --model") from None
+        def first(text: str) -> str:
+            try:
+                data = json.loads(text)
+            except ValueError:  # a proxy's page, a cut answer: worth another try
+                raise RemoteError(f"{self.base_url}/models answered something that is not "
+                                  "JSON", retryable=True) from None
+            try:
+                return str(data["data"][0]["id"])
+            except (KeyError, IndexError, TypeError):
+                raise RemoteError(f"{self.base_url}/models lists no model: pass --model"
+                                  ) from None
+
+        return await self._call(
+            lambda c: c.get("/models", cast_to=str, options=self._options()), "GET /models",
+            first)
 
     async def _request(self, request: Request, frame: Size, urls: list[str]) -> Generation:
         sent = time.perf_counter()
@@ -264,7 +350,8 @@ class OpenAIBackend:
             log.warning("grounding: %s does not support logprobs; continuing without them",
                         self.base_url)
             self.logprobs = False
-            body.pop("logprobs", None)
+            for key in ("logprobs", "top_logprobs"):  # vLLM refuses top_logprobs alone
+                body.pop(key, None)
             generation = await self._post(body, frame)
         generation.timings = {"preprocess": 0.0, "generate": time.perf_counter() - sent,
                               "decode": 0.0}
@@ -277,10 +364,13 @@ class OpenAIBackend:
                          text_first=self.text_first, extra_body=self.extra_body)
 
     def _options(self) -> dict[str, Any]:
-        """Per-request options: without a bearer key the Authorization header is left out."""
+        """Per-request options: without a bearer key (or an Authorization header of the
+        caller's own) the SDK's placeholder Authorization header is left out."""
         import openai
 
-        return {} if self._auth_in_bearer else {"headers": {"Authorization": openai.Omit()}}
+        if self._auth_in_bearer or self._own_auth:
+            return {}
+        return {"headers": {"Authorization": openai.Omit()}}
 
     async def _post(self, body: dict[str, Any], frame: Size) -> Generation:
         return await self._call(
@@ -291,14 +381,18 @@ class OpenAIBackend:
         try:
             return read_generation(text, frame)
         except RemoteError as exc:  # a provider's message may quote the request
-            raise RemoteError(self._scrub(str(exc)), exc.status, exc.retryable) from None
+            raise RemoteError(self._scrub(str(exc)), exc.status, exc.retryable,
+                              exc.connection) from None
 
     async def _call(self, send, what: str, read=None):
         """Send with retries (retry.RetryPolicy): 429 and 503 (Retry-After honoured, up to
-        MAX_RETRY_AFTER), other 5xx, connection errors, timeouts, and error bodies that say
-        "rate limit" or "busy" under HTTP 200 (Qianfan) back off exponentially with jitter;
-        other 4xx fail at once. ``read`` turns the answer's text into the result (and may
-        raise RemoteError)."""
+        MAX_RETRY_AFTER), other 5xx, dropped connections, timeouts, a 200 whose body is
+        not JSON, and error bodies that say "rate limit" or "busy" under HTTP 200
+        (Qianfan) back off exponentially with jitter; a connection that cannot be made
+        (refused, host not found) is retried at most CONNECT_RETRIES times, quickly; other
+        4xx fail at once. ``read`` turns the answer's text into the result (and may raise
+        RemoteError). The error raised keeps ``status``, ``retryable`` and ``connection``
+        of the last failure."""
         import openai
 
         policy = RetryPolicy(self.max_retries, self.backoff, self.max_backoff)
@@ -310,7 +404,8 @@ class OpenAIBackend:
                 return read(text) if read is not None else text
             except RemoteError as exc:
                 if not exc.retryable:
-                    raise
+                    raise RemoteError(self._scrub(str(exc)), exc.status, exc.retryable,
+                                      exc.connection) from None
                 error = exc
             except openai.APIStatusError as exc:
                 error = self._status_error(exc, what)
@@ -318,16 +413,24 @@ class OpenAIBackend:
                     raise error from None
                 asked = retry_after(exc.status_code, exc.response.headers)
             except (openai.APITimeoutError, openai.APIConnectionError) as exc:
-                kind = "timed out" if isinstance(exc, openai.APITimeoutError) else (
-                    "connection failed")
-                error = RemoteError(f"{what} to {self.base_url} {kind}: {exc}", retryable=True)
-            wait = policy.delay(attempt, asked)
+                error = self._transport_error(exc, what)
+            wait = policy.delay(attempt, asked, error.connection)
             if wait is None:
                 raise RemoteError(self._scrub(f"{error} (gave up after {attempt + 1} attempts)"),
-                                  error.status) from None
+                                  error.status, error.retryable, error.connection) from None
             attempt += 1
-            log.info("grounding: %s; retry %d/%d in %.2fs", error, attempt, self.max_retries, wait)
+            log.info("grounding: %s; retry %d/%d in %.2fs", self._scrub(str(error)), attempt,
+                     self.max_retries, wait)
             await asyncio.sleep(wait)
+
+    def _transport_error(self, exc: BaseException, what: str) -> RemoteError:
+        """No answer: a connection that could not be made (``connection=True``), was
+        dropped, or timed out; the words come from the cause chain (retry.transport_failure),
+        not from the SDK's "Request timed out." that it says for all of them."""
+        message, connection = transport_failure(exc, self.base_url, self.timeout)
+        if not connection:
+            message = f"{what}: {message}"
+        return RemoteError(self._scrub(message), None, retryable=True, connection=connection)
 
     def _status_error(self, exc: Any, what: str) -> RemoteError:
         status = exc.status_code
@@ -339,5 +442,8 @@ class OpenAIBackend:
         return RemoteError(self._scrub(message), status, retryable_status(status))
 
     def _scrub(self, text: str) -> str:
-        """Never let the API key into a message, a record or a log line."""
-        return text.replace(self._key, "***") if self._key else text
+        """Never let a credential the client sends (the API key, the value of any
+        credential-like header) into a message, a record or a log line."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text

@@ -18,7 +18,7 @@ from typing import Any
 
 from PIL import Image
 
-from grounding.backends.base import TOP_LOGPROBS, Generation, Request
+from grounding.backends.base import TOP_LOGPROBS, Generation, Request, alternatives
 from grounding.backends.remote.retry import RemoteError, provider_message, says_busy
 from grounding.core.geometry import Size
 
@@ -137,12 +137,14 @@ def chat_body(request: Request, image_urls: Sequence[str], *, model: str, dialec
 
 def read_generation(text: str, frame: Size) -> Generation:
     """A chat-completions answer as a Generation whose coordinates refer to ``frame``;
-    RemoteError when it holds no answer (retryable when its error says "busy")."""
+    RemoteError when it holds no answer: retryable when the body is not JSON at all (a
+    proxy's error page, a cut connection) or its error says "busy"."""
     try:
         data = json.loads(text)
     except ValueError:
         snippet = " ".join(text.split())[:120]
-        raise RemoteError(f"the server's answer is not JSON: {snippet!r}") from None
+        raise RemoteError(f"the server's answer is not JSON: {snippet!r}",
+                          retryable=True) from None
     detail = provider_message(data) if isinstance(data, dict) else None
     choices = data.get("choices") if isinstance(data, dict) else None
     if not choices:
@@ -162,14 +164,14 @@ def read_generation(text: str, frame: Size) -> Generation:
 
 def read_logprobs(choice: dict[str, Any]) -> tuple[
         list[str] | None, list[float] | None, list[dict[str, float]] | None]:
-    """A choice's tokens, their log-probabilities and the alternatives of each; all None
-    when the server sent none."""
+    """A choice's tokens, their log-probabilities and the alternatives of each (those
+    with the same text summed: base.alternatives); all None when the server sent none."""
     logprobs = choice.get("logprobs")
     entries = logprobs.get("content") if isinstance(logprobs, dict) else None
     if not entries:
         return None, None, None
     return ([str(e.get("token", "")) for e in entries],
             [float(e.get("logprob", 0.0)) for e in entries],
-            [{str(t.get("token", "")): float(t.get("logprob", 0.0))
-              for t in (e.get("top_logprobs") or []) if isinstance(t, dict)}
+            [alternatives((str(t.get("token", "")), float(t.get("logprob", 0.0)))
+                          for t in (e.get("top_logprobs") or []) if isinstance(t, dict))
              for e in entries])

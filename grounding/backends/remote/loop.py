@@ -1,5 +1,6 @@
 """The machinery under OpenAIBackend's synchronous API: its private event loop, the HTTP
-client pools bound to a loop, the encoder threads, and closing them all.
+client pools bound to a loop, the encoder threads, and closing them all (the loop too: an
+event loop left open keeps its file descriptors).
 
 Apart from the backend because none of it is about the chat API: these are the choices
 that bench/remote.py measured (uvloop, the SDK over aiohttp, several small pools, two
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import threading
 from typing import Any
 
 ENCODE_THREADS = 2
@@ -60,24 +62,99 @@ def new_loop() -> asyncio.AbstractEventLoop:
     return uvloop.new_event_loop()
 
 
-def shutdown(loop: asyncio.AbstractEventLoop, clients: list[Any]) -> None:
-    """Close ``clients`` on ``loop``, then stop it (an open aiohttp session warns when it
-    is collected)."""
-    if loop.is_closed() or not loop.is_running():  # nothing left that could close them
-        return
+def start_loop() -> tuple[asyncio.AbstractEventLoop, threading.Thread]:
+    """A new event loop running in a daemon thread of its own (so it never keeps a process
+    alive). Stopped by shutdown(); the thread then closes it (see _serve)."""
+    loop = new_loop()
+    thread = threading.Thread(target=_serve, args=(loop,), daemon=True,
+                              name="grounding-remote")
+    thread.start()
+    return loop, thread
 
-    async def close_all() -> None:
-        await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
-        clients.clear()
 
+def _serve(loop: asyncio.AbstractEventLoop) -> None:
+    """Run ``loop`` until it is stopped, then cancel what is left on it (requests not yet
+    answered; the ClientPool keepers, which close their HTTP clients when cancelled) and
+    close it: an event loop left open keeps its file descriptors (uvloop: several)."""
+    asyncio.set_event_loop(loop)
     try:
-        running = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-    if running is loop:  # collected on the loop's own thread: cannot wait for it here
-        loop.create_task(close_all()).add_done_callback(lambda _: loop.stop())
+        loop.run_forever()
+    finally:
+        try:
+            _cancel_all(loop)
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+
+
+def _cancel_all(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel every task of ``loop`` (stopped) and run it until they have finished."""
+    tasks = asyncio.all_tasks(loop)
+    if not tasks:
         return
-    with contextlib.suppress(Exception):
-        asyncio.run_coroutine_threadsafe(close_all(), loop).result(timeout=10)
-    with contextlib.suppress(RuntimeError):
+    for task in tasks:
+        task.cancel()
+    loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+
+
+def shutdown(loop: asyncio.AbstractEventLoop, thread: threading.Thread,
+             timeout: float = 10.0) -> None:
+    """Stop ``loop``; its thread cancels the requests still on it, closes the HTTP clients
+    and the loop. Waits up to ``timeout`` for that, unless called on that very thread (a
+    backend collected there), which then finishes it when this call returns."""
+    with contextlib.suppress(RuntimeError):  # already closed
         loop.call_soon_threadsafe(loop.stop)
+    if thread is not threading.current_thread():
+        thread.join(timeout)
+
+
+_KEEPERS: set[asyncio.Task] = set()
+"""The running ClientPool keepers: the event loop holds its tasks weakly, and a keeper
+collected while pending would leave its clients open."""
+
+
+class ClientPool:
+    """The HTTP clients of one event loop (an aiohttp pool belongs to the loop it was
+    opened on), kept for the loop's later requests and closed when the loop ends.
+
+    A keeper task waits on the loop and closes the clients when it is cancelled, which
+    happens however the loop ends tidily: ``asyncio.run`` (and ``uvloop.run``) cancel the
+    tasks left when their coroutine returns, the backend's private loop cancels its own
+    at close(), and :meth:`close` cancels it directly (``aclose()``). So a caller running
+    ``agenerate`` under many short ``asyncio.run`` calls leaves nothing open behind.
+    ``on_closed`` runs once the clients are closed."""
+
+    def __init__(self, clients: list[Any], on_closed: Any = None) -> None:
+        self.clients = clients
+        self.loop = asyncio.get_running_loop()
+        self._on_closed = on_closed
+        self._keeper = self.loop.create_task(self._keep(), name="grounding-http-clients")
+        _KEEPERS.add(self._keeper)
+        self._keeper.add_done_callback(_KEEPERS.discard)
+
+    async def _keep(self) -> None:
+        try:
+            await self.loop.create_future()  # until cancelled
+        finally:
+            clients, self.clients = self.clients, []
+            try:
+                await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+            finally:
+                if self._on_closed is not None:
+                    self._on_closed(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._keeper.done()
+
+    async def close(self) -> None:
+        """Close the clients now (on their loop)."""
+        self._keeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(self._keeper)
+
+    def abandon(self) -> None:
+        """Forget a pool whose loop was closed without cancelling its tasks: nothing can
+        close its clients any more."""
+        _KEEPERS.discard(self._keeper)
