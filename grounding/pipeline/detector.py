@@ -21,6 +21,7 @@ from grounding.core.result import Result
 from grounding.io.images import ImageSource, describe, load_image
 from grounding.pipeline.prefetch import prefetch
 from grounding.pipeline.prompts import Task, class_prompt, expression_prompt, with_references
+from grounding.pipeline.requests import run_requests
 
 
 def _in_memory(source: object) -> bool:
@@ -230,25 +231,16 @@ class Detector:
 
     def _run(self, items, query: Query, text: str, size: int) -> Iterator[Result]:
         results: dict[int, Result] = {}
-        framed = []
+        good = []
         for index, name, image, error in items:
             if image is None:
                 results[index] = self._failed(name, str(error))
-                continue
-            try:  # an image the model cannot take (aspect ratio over 200): its own error
-                frame = self.backend.frame(image.size)
-            except Exception as exc:
-                results[index] = self._result(name, image, exc, query, text)
-                continue
-            framed.append((frame, index, name, image))
-        framed.sort(key=lambda it: it[0])
-        good = [(index, name, image, None) for _, index, name, image in framed]
-        for start in range(0, len(good), size):
-            batch = good[start : start + size]
-            outputs = self.backend.generate(
-                [query.request(image, text) for _, _, image, _ in batch])
-            for (index, name, image, _), out in zip(batch, outputs, strict=True):
-                results[index] = self._result(name, image, out, query, text)
+            else:
+                good.append((index, name, image))
+        outputs = run_requests(self.backend, [query.request(image, text)
+                                              for _, _, image in good], size)
+        for (index, name, image), out in zip(good, outputs, strict=True):
+            results[index] = self._result(name, image, out, query, text)
         for index, *_ in items:
             yield results[index]
 
