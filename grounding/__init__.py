@@ -5,10 +5,12 @@ from __future__ import annotations
 from grounding._version import __version__
 from grounding.core.assemble import build_result, result_from_text
 from grounding.core.classes import ClassMap
+from grounding.core.dedup import dedup
 from grounding.core.dialects import DIALECTS, Dialect, get_dialect, parse
 from grounding.core.errors import GeometryError, GroundingError, ImageLoadError
 from grounding.core.geometry import model_frame, smart_resize
 from grounding.core.result import Box, Point, Result
+from grounding.core.tiles import Tiling
 from grounding.formats import ExportStats, export_coco, export_labelstudio, export_yolo
 from grounding.formats.evaluate import EvalReport, evaluate
 from grounding.io.images import load_image
@@ -37,10 +39,12 @@ __all__ = [
     "RawObject",
     "Result",
     "RunDir",
+    "Tiling",
     "__version__",
     "annotate",
     "ask",
     "build_result",
+    "dedup",
     "evaluate",
     "export_coco",
     "export_labelstudio",

@@ -197,8 +197,10 @@ def test_run_json_keeps_its_keys_and_their_order(tmp_path):
     config = run_config(Detector(backend), Query.make(["object"]), tmp_path, (0, 1))
     assert list(config) == [
         "images_dir", "backend", "model", "dialect", "prompt", "classes", "ontology", "task",
-        "system", "references", "min_pixels", "max_pixels", "max_new_tokens", "shard",
-        "min_score", "verify", "verify_threshold", "grounding_version"]
+        "system", "references", "min_pixels", "max_pixels", "max_new_tokens",
+        *(["stop_repeats"] if "stop_repeats" in config else []), "shard",
+        "min_score", "verify", "verify_threshold", "per_class", "tiles", "tile_overlap",
+        "tiles_with_full", "dedup_iou", "dedup_agnostic", "grounding_version"]
     assert config["dialect"] == backend.dialect.name and config["model"] == backend.model
     run = RunDir(tmp_path / "run")
     run.path.mkdir()

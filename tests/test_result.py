@@ -30,8 +30,8 @@ def make():
 def test_record_schema():
     record = make().to_record()
     assert list(record) == ["image", "width", "height", "model", "dialect", "input_size",
-                            "classes", "detections", "points", "raw", "truncated", "error",
-                            "dropped"]
+                            "classes", "detections", "points", "raw", "truncated", "repetition",
+                            "error", "dropped"]
     assert record["classes"] == ["cat", "dog"]
     assert record["width"] == 1200 and record["height"] == 800
     assert record["input_size"] == [600, 400]

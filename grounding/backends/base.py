@@ -73,6 +73,10 @@ class Generation:
     text share one entry holding their summed probability (:func:`alternatives`), so
     a step may have fewer than TOP_LOGPROBS entries."""
     timings: dict[str, float] = field(default_factory=dict)
+    repetition: bool = False
+    """The answer ended by repeating the same object text over and over (a degenerating
+    model): the local backend stopped it there, a server's answer was found so
+    (grounding.core.repetition). The objects written before are still read."""
 
 
 @runtime_checkable

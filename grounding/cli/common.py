@@ -35,15 +35,18 @@ def check_out_dir(out: Path | None, option: str = "--out") -> None:
         fail(f"{option} {out} is a file, not a directory")
 
 
-def make_query(wanted, prompt: str | None, *, points: bool, system: str | None,
-               references: list[Path] | None):
-    """The Query of a command's options; exits 2 with one line on a bad reference image."""
-    from grounding.pipeline.detector import Query
+def make_query(wanted, prompt: str | None, *, points: bool, references: list[Path] | None,
+               detection):
+    """The Query of a command's options (``detection``: its DetectionOptions); exits 2
+    with one line on a bad reference image or a bad combination."""
+    from grounding.pipeline.query import Query
 
+    tiling = detection.tiling()
     try:
-        return Query.make(wanted, prompt, points=points, system=system,
-                          references=[str(p) for p in references or []])
+        return Query.make(wanted, prompt, points=points, system=detection.system,
+                          references=[str(p) for p in references or []],
+                          per_class=detection.per_class, tiling=tiling)
     except GroundingError as exc:
         fail(f"reference image {exc}")
-    except ValueError as exc:  # an ontology naming no class
+    except ValueError as exc:  # an ontology naming no class, --per-class without classes
         fail(exc)

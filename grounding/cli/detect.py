@@ -52,8 +52,8 @@ def detect(
     engine, wanted, _ = setup(backend_options, classes, ontology, prompt,
                               max_new_tokens=detection.max_new_tokens,
                               json_schema=detection.json_schema)
-    query = make_query(wanted, prompt, points=points, system=detection.system,
-                       references=reference)
+    query = make_query(wanted, prompt, points=points, references=reference,
+                       detection=detection)
     watch = ReachWatch(engine)
     detector = watch.watching(detection.detector(engine))
     names = OutputNames(out, images) if out is not None else None

@@ -70,8 +70,8 @@ def label(
                                     max_new_tokens=detection.max_new_tokens,
                                     json_schema=detection.json_schema, need_classes=True)
     detector = detection.detector(engine)
-    query = make_query(wanted, prompt, points=points, system=detection.system,
-                       references=reference)
+    query = make_query(wanted, prompt, points=points, references=reference,
+                       detection=detection)
     run = RunDir(out)
     progress = LabelProgress()
     try:

@@ -25,6 +25,8 @@ from grounding.backends.options import (
     RemoteOptions,
     own_fields,
 )
+from grounding.core.dedup import DEFAULT_DEDUP_IOU
+from grounding.core.tiles import DEFAULT_TILE_OVERLAP
 
 Option = tuple[str, Any, Any]
 """A command-line option as a command parameter: (name, Annotated type, default)."""
@@ -124,6 +126,15 @@ System = Annotated[str | None, typer.Option(help="System prompt.")]
 MaxNewTokens = option_type(BackendOptions, "max_new_tokens")
 JsonSchema = option_type(RemoteOptions, "json_schema")
 
+DedupIou = Annotated[float, typer.Option(
+    min=0.0, max=1.0, help="Same-class boxes overlapping above this IoU are one object written "
+                           "twice: the best scored (else the first written) is kept, the "
+                           "others counted in dropped.duplicate; 1.0 removes only identical "
+                           "boxes.")]
+NoDedup = Annotated[bool, flag("--no-dedup", help="Keep duplicate boxes and points.")]
+DedupAgnostic = Annotated[bool, flag(
+    "--dedup-agnostic", help="Boxes of different classes can be duplicates too.")]
+
 BACKEND = OptionGroup(backend_options())
 """The backend options of every command that runs a model, as one dict by parameter name
 (grounding.cli.backend.make_backend reads it)."""
@@ -151,13 +162,50 @@ class DetectionOptions:
     verify_threshold: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="--verify: drop boxes with P(yes) / (P(yes) + P(no)) below "
                                "this.")] = 0.5
+    dedup_iou: DedupIou = DEFAULT_DEDUP_IOU
+    no_dedup: NoDedup = False
+    dedup_agnostic: DedupAgnostic = False
+    per_class: Annotated[bool | None, typer.Option(
+        "--per-class/--no-per-class",
+        help="One request per class, each answer labelled with its class (default: on for "
+             "models that ground one reference at a time: qwen-vl, qwen2-vl, deepseek-vl2). "
+             "With --prompt, put {class} where each class goes.")] = None
+    tiles: Annotated[str | None, typer.Option(
+        metavar="auto|COLSxROWS",
+        help="Ask about overlapping tiles of each image (small objects in large images); "
+             "auto: the fewest tiles the model sees at full resolution.")] = None
+    tile_overlap: Annotated[float, typer.Option(
+        min=0.0, max=0.9, help="--tiles: the share of a tile its neighbour also "
+                               "sees.")] = DEFAULT_TILE_OVERLAP
+    tiles_with_full: Annotated[bool, flag(
+        "--tiles-with-full", help="--tiles: also ask about the whole image, for objects "
+                                  "larger than a tile.")] = False
+
+    def __post_init__(self) -> None:
+        self.tiling()  # a malformed --tiles fails before a model is loaded
 
     def detector(self, engine):
         """The Detector running ``engine`` with these options."""
         from grounding.pipeline.detector import Detector
 
         return Detector(engine, batch_size=self.batch_size, min_score=self.min_score,
-                        verify=self.verify, verify_threshold=self.verify_threshold)
+                        verify=self.verify, verify_threshold=self.verify_threshold,
+                        dedup_iou=None if self.no_dedup else self.dedup_iou,
+                        dedup_agnostic=self.dedup_agnostic)
+
+    def tiling(self):
+        """The Tiling of --tiles (None without it); typer.BadParameter when malformed."""
+        from grounding.core.tiles import Tiling
+
+        if self.tiles is None:
+            if self.tiles_with_full:
+                raise typer.BadParameter("--tiles-with-full needs --tiles",
+                                         param_hint="--tiles-with-full")
+            return None
+        try:
+            return Tiling.parse(self.tiles, self.tile_overlap, self.tiles_with_full)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--tiles") from None
 
 
 _DETECTION_HINTS = get_type_hints(DetectionOptions, include_extras=True)

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from grounding.cli import options as opt
 from grounding.cli.common import fail
 from grounding.core.classes import ClassMap
 from grounding.core.dialects import DIALECTS, get_dialect
@@ -45,6 +46,9 @@ def parse(
     max_pixels: Annotated[int | None, typer.Option(
         help="Pixel budget used to derive --input-size (default: the dialect's processor).")
     ] = None,
+    dedup_iou: opt.DedupIou = opt.DEFAULT_DEDUP_IOU,
+    no_dedup: opt.NoDedup = False,
+    dedup_agnostic: opt.DedupAgnostic = False,
 ) -> None:
     """Read a model's answer and print the JSON record of every box and point in it.
 
@@ -79,6 +83,7 @@ def parse(
             text, d, image_size=image, input_size=frame,
             classes=ClassMap.parse(classes) if classes else None,
             image=None if file == "-" else file,
+            dedup_iou=None if no_dedup else dedup_iou, dedup_agnostic=dedup_agnostic,
         )
     except (GroundingError, ValueError) as exc:
         fail(exc)

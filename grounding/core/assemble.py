@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from grounding.core.classes import ClassMap
+from grounding.core.dedup import DEFAULT_DEDUP_IOU, dedup
 from grounding.core.dialects import Dialect, get_dialect
 from grounding.core.geometry import (
     Size,
@@ -35,6 +36,9 @@ def build_result(
     truncated: bool = False,
     scores: Sequence[float | None] | None = None,
     min_score: float | None = None,
+    dedup_iou: float | None = DEFAULT_DEDUP_IOU,
+    dedup_agnostic: bool = False,
+    label: str | None = None,
 ) -> Result:
     """Rescale, clip, class-match and score. A label that matches a class of ``classes``
     becomes that class's name (the model's own words stay in ``model_label``), and the
@@ -44,7 +48,10 @@ def build_result(
     ``min_score`` drop the object (counted as ``low_score``); unscored objects are kept.
     Objects whose coordinates are not finite count as ``invalid``; with ``image_size``,
     boxes left without area by clipping count as ``no_area`` and points off the image as
-    ``outside``."""
+    ``outside``. Last, duplicates are removed (grounding.core.dedup: same-class boxes
+    overlapping above ``dedup_iou``, identical points; counted as ``duplicate``);
+    ``dedup_iou`` None keeps them. ``label``: the class a request asked for alone (one
+    request per class): every object is that class, whatever label the model wrote."""
     d = get_dialect(dialect)
     class_map = classes if isinstance(classes, ClassMap) or classes is None else ClassMap(classes)
     scores = list(scores) if scores is not None else [None] * len(parsed.objects)
@@ -57,20 +64,38 @@ def build_result(
         if not all(map(math.isfinite, obj.coords)):
             invalid += 1  # json reads NaN, Infinity and 1e999; no Box can hold them
             continue
-        class_id = class_map.match(obj.label) if class_map is not None else None
+        asked = obj.label if label is None else label
+        class_id = class_map.match(asked) if class_map is not None else None
         # The label is the class when one matched (an ontology's prompt phrase, a plural,
         # a misspelling all become the class name); the model's words stay in model_label.
-        label = obj.label if class_id is None else class_map.names[class_id]
+        name = asked if class_id is None else class_map.names[class_id]
         if obj.kind == "box":
             bbox = (order_box(obj.coords) if image_size is None
                     else clip_box(rescale_box(obj.coords, sx, sy), image_size))
-            boxes.append(Box(bbox, label, class_id, score, dict(obj.attributes), obj.coords,
+            boxes.append(Box(bbox, name, class_id, score, dict(obj.attributes), obj.coords,
                              obj.label))
         else:
             xy = ((obj.coords[0], obj.coords[1]) if image_size is None
                   else clip_point(rescale_point(obj.coords, sx, sy), image_size))
-            points.append(Point(xy, label, class_id, score, dict(obj.attributes),
+            points.append(Point(xy, name, class_id, score, dict(obj.attributes),
                                 obj.coords, obj.label))
+    # Dropped and counted as Result.filter would, reason by reason, but on the lists
+    # before the Result exists: filter copies every box, and these are not shared yet.
+    dropped = {"invalid": invalid} if invalid else {}
+    if min_score is not None:
+        scored = score_at_least(min_score)
+        boxes, points = _keep(boxes, points, scored, scored, "low_score", dropped)
+    if image_size is not None:
+        def inside(point: Point) -> bool:
+            # Before clipping. x * (W / w') overshoots W by a rounding error for some W,
+            # w' when the model writes x = w': that point is on the edge, not outside.
+            assert point.model_point is not None
+            xy = rescale_point(point.model_point, sx, sy)
+            return point_inside(xy, image_size, tolerance=1e-6)
+
+        boxes, points = _keep(boxes, points, lambda b: box_area(b.bbox) > 0.0, None,
+                              "no_area", dropped)
+        boxes, points = _keep(boxes, points, None, inside, "outside", dropped)
     result = Result(
         boxes=boxes,
         points=points,
@@ -82,23 +107,23 @@ def build_result(
         input_size=input_size,
         raw=raw,
         truncated=truncated or parsed.truncated,
-        dropped={"invalid": invalid} if invalid else {},
+        dropped=dropped,
         classes=None if class_map is None else list(class_map.names),
     )
-    scored = score_at_least(min_score)
-    result = result.filter(scored, scored, reason="low_score")
-    if image_size is None:
-        return result
+    return dedup(result, dedup_iou, agnostic=dedup_agnostic)
 
-    def inside(point: Point) -> bool:
-        # Before clipping. x * (W / w') overshoots W by a rounding error for some W, w'
-        # when the model writes x = w': that point is on the edge, not outside.
-        assert point.model_point is not None
-        xy = rescale_point(point.model_point, sx, sy)
-        return point_inside(xy, image_size, tolerance=1e-6)
 
-    result = result.filter(keep_box=lambda b: box_area(b.bbox) > 0.0, reason="no_area")
-    return result.filter(keep_point=inside, reason="outside")
+def _keep(boxes: list[Box], points: list[Point], keep_box: Callable[[Box], bool] | None,
+          keep_point: Callable[[Point], bool] | None, reason: str,
+          dropped: dict[str, int]) -> tuple[list[Box], list[Point]]:
+    """:meth:`Result.filter` on bare lists: the kept boxes and points, in order, with the
+    number removed added to ``dropped[reason]`` (no entry when none was)."""
+    kept_boxes = boxes if keep_box is None else [b for b in boxes if keep_box(b)]
+    kept_points = points if keep_point is None else [p for p in points if keep_point(p)]
+    removed = len(boxes) - len(kept_boxes) + len(points) - len(kept_points)
+    if removed:
+        dropped[reason] = dropped.get(reason, 0) + removed
+    return kept_boxes, kept_points
 
 
 def result_from_text(

@@ -47,6 +47,9 @@ class Dialect:
     """Models that resize every image to one size (Qwen-VL: 448x448)."""
     budget: tuple[int, int] | None = None
     """grounding's default (min_pixels, max_pixels) when running the model; see README."""
+    one_reference: bool = False
+    """The model grounds one referring expression per prompt (its prompt wraps one phrase
+    in reference tokens): a class list is asked one class per request."""
 
     @property
     def is_relative(self) -> bool:
@@ -64,11 +67,15 @@ DIALECTS: dict[str, Dialect] = {
         Dialect("qwen3-vl", parse_qwen_json, "relative", norm=1000, factor=32,
                 min_pixels=64 * 32 * 32, max_pixels=16384 * 32 * 32,
                 budget=(64 * 32 * 32, 9800 * 32 * 32)),
+        # Qwen2-VL, Qwen-VL and DeepSeek-VL2 ground what their reference tokens wrap:
+        # "<|ref|>person, car<|/ref|>" is read as one thing to find.
         Dialect("qwen2-vl", parse_qwen2_vl, "relative", norm=1000, factor=28,
                 min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28,
-                budget=(256 * 28 * 28, 1280 * 28 * 28)),
-        Dialect("qwen-vl", parse_qwen_vl, "relative", norm=1000, fixed_size=(448, 448)),
-        Dialect("deepseek-vl2", parse_deepseek_vl2, "relative", norm=999),
+                budget=(256 * 28 * 28, 1280 * 28 * 28), one_reference=True),
+        Dialect("qwen-vl", parse_qwen_vl, "relative", norm=1000, fixed_size=(448, 448),
+                one_reference=True),
+        Dialect("deepseek-vl2", parse_deepseek_vl2, "relative", norm=999,
+                one_reference=True),
     )
 }
 

@@ -74,10 +74,13 @@ def _score(kind: str, label: str | None, score: Any) -> float | None:
 def _coords(kind: str, label: str | None, values: Any, n: int) -> tuple[float, ...]:
     """``values`` as ``n`` finite floats, or :class:`InvalidResult` naming the object."""
     try:
-        coords = tuple(float(v) for v in values)
+        coords = tuple(map(float, values))
     except (TypeError, ValueError):
         coords = ()
-    if len(coords) != n or not all(map(math.isfinite, coords)):
+    # A sum is finite only if every term is (NaN and ±inf propagate); a finite sum is one
+    # test instead of n. Only a sum that overflows needs the term-by-term check.
+    if len(coords) != n or not (math.isfinite(sum(coords))
+                                or all(map(math.isfinite, coords))):
         raise InvalidResult(f"{kind} {label!r}: {values!r} is not {n} finite numbers")
     return coords
 
@@ -214,6 +217,9 @@ class Result:
     input_size: Size | None = None
     raw: str = ""
     truncated: bool = False
+    repetition: bool = False
+    """The model's answer degenerated into repeating one object text (see
+    grounding.core.repetition); what it wrote before is kept, the repeats are duplicates."""
     error: str | None = None
     dropped: dict[str, int] = field(default_factory=dict)
     """Objects read but not kept, by reason: ``no_area`` (box empty after clipping),
@@ -223,6 +229,13 @@ class Result:
     answers: list[dict[str, Any]] = field(default_factory=list)
     """Questions asked about the whole set of detections and the model's answers:
     ``[{"question": ..., "answer": ...}]`` (grounding.pipeline.qa); in the record only when any."""
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    """When the image was asked about in several requests (one per class with
+    ``per_class``, one per tile with ``tiles``): each request's ``prompt``, ``raw`` answer,
+    ``input_size``, ``tile`` (x_min, y_min, x_max, y_max of the crop in the displayed
+    image, None for the whole image), ``class`` (the class asked for, None when all were),
+    ``truncated`` and ``repetition``. ``raw`` is then empty and ``input_size`` None: each
+    request has its own. In the record only when any."""
     classes: list[str] | None = None
     """The class names in id order (what ``class_id`` indexes) when the objects were
     matched against a class list; None when no class list was used (then every
@@ -256,6 +269,7 @@ class Result:
             points=[replace(p, attributes=dict(p.attributes)) for p in points],
             dropped=dict(dropped),
             answers=[dict(a) for a in self.answers],
+            requests=[dict(r) for r in self.requests],
             classes=None if self.classes is None else list(self.classes),
         )
 
@@ -372,9 +386,11 @@ class Result:
             "points": [p.to_dict() for p in self.points],
             "raw": self.raw,
             "truncated": self.truncated,
+            "repetition": self.repetition,
             "error": self.error,
             "dropped": dict(self.dropped),
-        } | ({"answers": finite_or_none(self.answers)} if self.answers else {})
+        } | ({"answers": finite_or_none(self.answers)} if self.answers else {}) | (
+            {"requests": finite_or_none(self.requests)} if self.requests else {})
 
     def to_json(self, **kwargs: Any) -> str:
         """:meth:`to_record` as strict JSON (``allow_nan=False``)."""
@@ -409,9 +425,11 @@ class Result:
             input_size=None if size is None else (int(size[0]), int(size[1])),
             raw=record.get("raw") or "",
             truncated=bool(record.get("truncated")),
+            repetition=bool(record.get("repetition")),
             error=record.get("error"),
             dropped=dict(record.get("dropped") or {}),
             answers=[dict(a) for a in record.get("answers") or []],
+            requests=[dict(r) for r in record.get("requests") or []],
             classes=None if classes is None else [str(c) for c in classes],
         )
 

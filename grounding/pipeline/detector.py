@@ -5,23 +5,24 @@ from __future__ import annotations
 import itertools
 import json
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from grounding.backends.base import Backend, Generation, Request
-from grounding.core.assemble import build_result
-from grounding.core.classes import ClassMap
-from grounding.core.confidence import score_objects
+from grounding.backends.base import Backend, Generation
+from grounding.core.dedup import DEFAULT_DEDUP_IOU
 from grounding.core.errors import GroundingError
 from grounding.core.result import Result
+from grounding.core.tiles import Tiling
 from grounding.io.images import ImageSource, describe, load_image
+from grounding.pipeline.parts import Keep, Part, assemble, failed, plan, requests
 from grounding.pipeline.prefetch import prefetch
-from grounding.pipeline.prompts import Task, class_prompt, expression_prompt, with_references
+from grounding.pipeline.query import Query
 from grounding.pipeline.requests import run_requests
+
+__all__ = ["Detector", "Query", "load_ontology"]
 
 
 def _in_memory(source: object) -> bool:
@@ -43,52 +44,6 @@ def load_ontology(path: str | Path) -> dict[str, str]:
     return data
 
 
-@dataclass(frozen=True)
-class Query:
-    """What to look for: classes (or an ontology) or a referring expression, boxes or points."""
-
-    classes: ClassMap | None = None
-    expression: str | None = None
-    prompt: str | None = None
-    task: Task = "boxes"
-    system: str | None = None
-    references: tuple[Image.Image, ...] = ()
-    """Example images sent before each image (upright RGB): "find more like these"."""
-    reference_names: tuple[str, ...] = ()
-
-    @classmethod
-    def make(cls, classes: Sequence[str] | Mapping[str, str] | str | None = None,
-             prompt: str | None = None, *, points: bool = False,
-             system: str | None = None, references: Sequence[ImageSource] = ()) -> Query:
-        """A bad reference image raises ImageLoadError: it would spoil every request."""
-        if classes is None and prompt is None:
-            raise ValueError("give classes to find or a prompt")
-        if isinstance(classes, str):
-            class_map = ClassMap.parse(classes)
-        elif classes is not None:
-            class_map = classes if isinstance(classes, ClassMap) else ClassMap(classes)
-        else:
-            class_map = None
-        loaded = tuple(load_image(r) for r in references)
-        return cls(class_map, None, prompt, "points" if points else "boxes", system, loaded,
-                   tuple(describe(r) for r in references))
-
-    def text(self, dialect) -> str:
-        """The prompt sent: the user's own, else the dialect's built-in one (which, with
-        reference images, says which image to answer about)."""
-        if self.prompt and self.classes is not None:
-            return self.prompt
-        if self.classes is not None:
-            text = class_prompt(dialect, self.classes.prompt_phrases, self.task)
-        else:
-            assert self.prompt is not None
-            text = expression_prompt(dialect, self.prompt, self.task)
-        return with_references(text, len(self.references))
-
-    def request(self, image: Image.Image, text: str) -> Request:
-        return Request(image, text, self.system, self.task, references=self.references)
-
-
 class Detector:
     """A loaded model that turns images into :class:`Result` objects.
 
@@ -99,6 +54,7 @@ class Detector:
     def __init__(self, backend: Backend | str | None = None, *, batch_size: int | None = None,
                  io_workers: int = 4, min_score: float | None = None,
                  verify: bool = False, verify_threshold: float = 0.5,
+                 dedup_iou: float | None = DEFAULT_DEDUP_IOU, dedup_agnostic: bool = False,
                  **backend_options) -> None:
         if backend is None or isinstance(backend, str):
             from grounding.backends.local import LocalBackend
@@ -114,15 +70,27 @@ class Detector:
         """Ask the model about every box whether it shows its label (grounding.pipeline.verify)."""
         self.verify_threshold = verify_threshold
         """With ``verify``: drop boxes whose probability of "yes" is below this."""
+        self.dedup_iou = dedup_iou
+        """Same-class boxes overlapping above this IoU are one object written twice
+        (grounding.core.dedup); 1.0 removes only identical boxes, None keeps every one."""
+        self.dedup_agnostic = dedup_agnostic
+        """Compare boxes across classes too when removing duplicates."""
+
+    @property
+    def keep(self) -> Keep:
+        """Which boxes this detector keeps."""
+        return Keep(self.min_score, self.dedup_iou, self.dedup_agnostic)
 
     def detect(self, image: ImageSource, classes=None, prompt: str | None = None, *,
                points: bool = False, system: str | None = None, verify: bool | None = None,
                verify_threshold: float | None = None,
-               references: Sequence[ImageSource] = ()) -> Result:
+               references: Sequence[ImageSource] = (), per_class: bool | None = None,
+               tiles: str | Tiling | None = None) -> Result:
         """Detect in one image; a bad image raises :class:`ImageLoadError`."""
         result = next(self.detect_many([image], classes, prompt, points=points, system=system,
                                        verify=verify, verify_threshold=verify_threshold,
-                                       references=references))
+                                       references=references, per_class=per_class,
+                                       tiles=tiles))
         if result.error:
             raise GroundingError(result.error)
         return result
@@ -132,7 +100,8 @@ class Detector:
                     system: str | None = None, batch_size: int | None = None,
                     window: int = 8, verify: bool | None = None,
                     verify_threshold: float | None = None,
-                    references: Sequence[ImageSource] = ()) -> Iterator[Result]:
+                    references: Sequence[ImageSource] = (), per_class: bool | None = None,
+                    tiles: str | Tiling | None = None) -> Iterator[Result]:
         """Results in input order; a bad image yields a Result with ``error`` set.
 
         Images are decoded in ``io_workers`` threads while the model works, read up to
@@ -148,9 +117,15 @@ class Detector:
         ("find more like these"); the built-in prompt then says to answer about the last
         image, and the coordinates are read in that image's frame. A reference that cannot
         be read raises ImageLoadError before any request is sent.
+
+        ``per_class``: ask for each class in its own request (None: when the dialect's
+        model grounds one reference at a time). ``tiles``: ``"auto"``, ``"3x2"`` or a
+        :class:`~grounding.core.tiles.Tiling`: ask about overlapping tiles of each image
+        (small objects in large images); boxes come back in whole-image pixels.
         """
+        tiling = Tiling.parse(tiles) if isinstance(tiles, str) else tiles
         query = Query.make(classes, prompt, points=points, system=system,
-                           references=references)
+                           references=references, per_class=per_class, tiling=tiling)
         yield from self.detect_query(images, query, batch_size=batch_size, window=window,
                                      verify=verify, verify_threshold=verify_threshold)
 
@@ -180,41 +155,45 @@ class Detector:
 
     def _detect_many(self, images: Iterable[ImageSource], query: Query, size: int,
                      window: int) -> Iterator[Result]:
-        text = query.text(self.backend.dialect)
         if hasattr(self.backend, "stream"):
-            yield from self._stream(images, query, text, size * window)
+            yield from self._stream(images, query, size * window)
             return
         pending: list[tuple[int, str, Image.Image | None, str | None]] = []
         loaded = self._loaded(images, size * window)
         for index, item in enumerate(loaded):
             pending.append((index, *item))
             if len(pending) >= size * window:
-                yield from self._run(pending, query, text, size)
+                yield from self._run(pending, query, size)
                 pending = []
         if pending:
-            yield from self._run(pending, query, text, size)
+            yield from self._run(pending, query, size)
 
-    def _stream(self, images: Iterable[ImageSource], query: Query, text: str,
+    def _stream(self, images: Iterable[ImageSource], query: Query,
                 ahead: int) -> Iterator[Result]:
         """For backends that keep requests in flight across the whole stream (servers):
         no batches, no barriers; results still come out in input order."""
-        entries: deque[tuple[str, Image.Image | None, str | None]] = deque()
+        entries: deque[tuple[str, Image.Image | None, str | None, list[Part]]] = deque()
 
-        def requests() -> Iterator[Request]:
+        def sent() -> Iterator:
             for name, image, error in self._loaded(images, ahead):
-                entries.append((name, image, error))
+                parts = [] if image is None else plan(query, self.backend, image.size)
+                entries.append((name, image, error, parts))
                 if image is not None:
-                    yield query.request(image, text)
+                    yield from requests(query, image, parts)
 
-        for out in self.backend.stream(requests()):
-            while entries[0][1] is None:
-                name, _, error = entries.popleft()
-                yield self._failed(name, error)
-            name, image, _ = entries.popleft()
-            yield self._result(name, image, out, query, text)
+        outputs: list[Generation | Exception] = []
+        for out in self.backend.stream(sent()):
+            outputs.append(out)
+            while entries and (entries[0][1] is None or len(outputs) >= len(entries[0][3])):
+                name, image, error, parts = entries.popleft()
+                if image is None:
+                    yield failed(name, None, self.backend, str(error))
+                    continue
+                done, outputs = outputs[:len(parts)], outputs[len(parts):]
+                yield assemble(name, image, query, parts, done, self.backend, self.keep)
         while entries:
-            name, _, error = entries.popleft()
-            yield self._failed(name, error)
+            name, _, error, _ = entries.popleft()
+            yield failed(name, None, self.backend, str(error))
 
     def _loaded(self, images: Iterable[ImageSource], ahead: int):
         """(name, image, error) per input, in order, files decoded in worker threads."""
@@ -229,40 +208,22 @@ class Detector:
         except GroundingError as exc:
             return name, None, str(exc)
 
-    def _run(self, items, query: Query, text: str, size: int) -> Iterator[Result]:
+    def _run(self, items, query: Query, size: int) -> Iterator[Result]:
         results: dict[int, Result] = {}
         good = []
+        sent = []
         for index, name, image, error in items:
             if image is None:
-                results[index] = self._failed(name, str(error))
+                results[index] = failed(name, None, self.backend, str(error))
             else:
-                good.append((index, name, image))
-        outputs = run_requests(self.backend, [query.request(image, text)
-                                              for _, _, image in good], size)
-        for (index, name, image), out in zip(good, outputs, strict=True):
-            results[index] = self._result(name, image, out, query, text)
+                parts = plan(query, self.backend, image.size)
+                good.append((index, name, image, parts))
+                sent += requests(query, image, parts)
+        outputs = run_requests(self.backend, sent, size)
+        start = 0
+        for index, name, image, parts in good:
+            done = outputs[start:start + len(parts)]
+            start += len(parts)
+            results[index] = assemble(name, image, query, parts, done, self.backend, self.keep)
         for index, *_ in items:
             yield results[index]
-
-    def _failed(self, name: str, error: str) -> Result:
-        """The record of an image that could not be read."""
-        return Result(image=name, model=self.backend.model, dialect=self.backend.dialect.name,
-                      error=error)
-
-    def _result(self, name: str, image: Image.Image, out: Generation | Exception,
-                query: Query, prompt: str) -> Result:
-        if isinstance(out, Exception):
-            return Result(image=name, width=image.width, height=image.height,
-                          model=self.backend.model, dialect=self.backend.dialect.name,
-                          error=f"{name}: {type(out).__name__}: {out}")
-        parsed = self.backend.dialect.parse(out.text)
-        scores = score_objects(out.text, parsed.objects, out.tokens, out.token_logprobs)
-        result = build_result(
-            parsed, self.backend.dialect, image_size=image.size, input_size=out.input_size,
-            classes=query.classes, raw=out.text, model=self.backend.model, image=name,
-            truncated=out.truncated, scores=scores, min_score=self.min_score,
-        )
-        result.prompt = prompt
-        result.generation = out
-        result.attach(image)
-        return result

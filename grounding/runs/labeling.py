@@ -49,7 +49,7 @@ def run_config(detector: Detector, query: Query, images_dir: Path, shard: tuple[
         "backend": type(backend).__name__,
         "model": settings.pop("model"),
         "dialect": settings.pop("dialect"),
-        "prompt": query.text(backend.dialect),
+        "prompt": query.recorded_prompt(backend.dialect),
         "classes": query.classes.names if query.classes is not None else None,
         "ontology": ontology,
         "task": query.task,
@@ -60,6 +60,13 @@ def run_config(detector: Detector, query: Query, images_dir: Path, shard: tuple[
         "min_score": detector.min_score,
         "verify": bool(detector.verify),
         "verify_threshold": detector.verify_threshold if detector.verify else None,
+        "per_class": query.asks_per_class(backend.dialect),
+        "tiles": None if query.tiling is None else query.tiling.spec,
+        "tile_overlap": None if query.tiling is None else query.tiling.overlap,
+        "tiles_with_full": bool(query.tiling and query.tiling.with_full),
+        "dedup_iou": detector.dedup_iou,
+        "dedup_agnostic": bool(detector.dedup_agnostic) if detector.dedup_iou is not None
+        else False,
         "grounding_version": __version__,
     }
 
