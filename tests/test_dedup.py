@@ -1,0 +1,182 @@
+"""Duplicate boxes and points: which are removed, which one of a group stays, how they
+are counted, and every way to turn it off."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from grounding import Box, Point, Result, dedup, result_from_text
+from grounding.cli import app
+from grounding.core.dedup import DEFAULT_DEDUP_IOU, keep_boxes, ranking
+
+
+def boxes(*specs) -> Result:
+    """Boxes from (x1, y1, x2, y2, label[, score])."""
+    return Result(boxes=[Box(s[:4], s[4], None, s[5] if len(s) > 5 else None) for s in specs],
+                  width=1000, height=1000)
+
+
+def test_near_duplicates_of_one_class_go_and_are_counted():
+    r = dedup(boxes((10, 10, 110, 110, "cup"), (12, 11, 111, 112, "cup"),
+                    (300, 300, 400, 400, "cup")))
+    assert [b.bbox for b in r.boxes] == [(10, 10, 110, 110), (300, 300, 400, 400)]
+    assert r.dropped == {"duplicate": 1}
+
+
+def test_the_first_written_stays_without_scores_and_the_best_scored_with_them():
+    first = dedup(boxes((12, 11, 111, 112, "cup"), (10, 10, 110, 110, "cup")))
+    assert [b.bbox for b in first.boxes] == [(12, 11, 111, 112)]
+    scored = dedup(boxes((12, 11, 111, 112, "cup", 0.4), (10, 10, 110, 110, "cup", 0.9)))
+    assert [b.bbox for b in scored.boxes] == [(10, 10, 110, 110)]
+    # An unscored box ranks below a scored one, whatever the order.
+    mixed = dedup(boxes((12, 11, 111, 112, "cup"), (10, 10, 110, 110, "cup", 0.1)))
+    assert [b.score for b in mixed.boxes] == [0.1]
+
+
+def test_ranking_is_score_then_order():
+    assert ranking([None, 0.5, 0.9, None, 0.5]).tolist() == [2, 4, 5, 1, 3]
+
+
+def test_other_classes_are_not_duplicates_unless_agnostic():
+    two = boxes((10, 10, 110, 110, "cup"), (11, 10, 110, 111, "mug"))
+    assert len(dedup(two)) == 2
+    assert len(dedup(two, agnostic=True)) == 1
+
+
+def test_classes_compare_by_class_id_not_by_the_words():
+    """'cups' and 'cup' matched the same class: one object."""
+    r = result_from_text('[{"bbox_2d": [10, 10, 110, 110], "label": "cup"}, '
+                         '{"bbox_2d": [11, 10, 111, 110], "label": "cups"}]', "qwen2.5-vl",
+                         image_size=(1000, 1000), input_size=(1000, 1000), classes=["cup"])
+    assert len(r.boxes) == 1 and r.dropped == {"duplicate": 1}
+
+
+def test_the_threshold_decides_and_identical_boxes_always_go():
+    pair = boxes((0, 0, 100, 100, "a"), (0, 0, 100, 80, "a"))  # IoU 0.8
+    assert len(dedup(pair, 0.7)) == 1
+    assert len(dedup(pair, 0.85)) == 2
+    same = boxes((0, 0, 100, 100, "a"), (0, 0, 100, 100, "a"), (0, 0, 100, 100, "a"))
+    only = dedup(same, 1.0)
+    assert len(only) == 1 and only.dropped == {"duplicate": 2}
+    assert len(dedup(same, None)) == 3  # off: nothing removed
+    assert dedup(same, None) is same
+
+
+def test_points_collapse_only_when_identical():
+    r = Result(points=[Point((5, 5), "a"), Point((5, 5), "a"), Point((6, 5), "a"),
+                       Point((5, 5), "b")], width=10, height=10)
+    out = dedup(r)
+    assert [(p.point, p.label) for p in out.points] == [((5, 5), "a"), ((6, 5), "a"),
+                                                        ((5, 5), "b")]
+    assert out.dropped == {"duplicate": 1}
+
+
+def test_keep_mask_matches_a_brute_force_greedy_nms():
+    """Against a plain greedy NMS written out here, on random boxes and classes."""
+    rng = np.random.default_rng(0)
+
+    def iou(a, b):
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        inter = w * h
+        return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+    for _ in range(50):
+        n = int(rng.integers(2, 25))
+        xy = rng.uniform(0, 200, (n, 2))
+        wh = rng.uniform(5, 80, (n, 2))
+        xyxy = np.round(np.concatenate([xy, xy + wh], axis=1))
+        groups = rng.integers(0, 3, n).tolist()
+        scores = [None if rng.random() < 0.3 else float(rng.random()) for _ in range(n)]
+        got = keep_boxes(xyxy, groups, scores, 0.5)
+        order = np.argsort(-ranking(scores), kind="stable")
+        want = np.ones(n, dtype=bool)
+        for a in order:
+            if want[a]:
+                for b in order:
+                    if b != a and want[b] and groups[b] == groups[a] and (
+                            ranking(scores)[b] < ranking(scores)[a]) and (
+                            iou(xyxy[a], xyxy[b]) > 0.5):
+                        want[b] = False
+        assert got.tolist() == want.tolist()
+
+
+ANSWER = ('```json\n[\n'
+          '  {"bbox_2d": [100, 100, 200, 200], "label": "cup"},\n'
+          '  {"bbox_2d": [101, 99, 201, 200], "label": "cup"},\n'
+          '  {"bbox_2d": [100, 100, 200, 200], "label": "cup"},\n'
+          '  {"bbox_2d": [400, 400, 500, 500], "label": "plate"}\n]\n```')
+
+
+def test_on_by_default_after_parsing_and_off_on_request():
+    r = result_from_text(ANSWER, "qwen2.5-vl", image_size=(1000, 1000),
+                         input_size=(1000, 1000))
+    assert len(r.boxes) == 2 and r.dropped == {"duplicate": 2}
+    assert DEFAULT_DEDUP_IOU == 0.7
+    off = result_from_text(ANSWER, "qwen2.5-vl", image_size=(1000, 1000),
+                           input_size=(1000, 1000), dedup_iou=None)
+    assert len(off.boxes) == 4 and off.dropped == {}
+
+
+def test_parse_command_dedups_and_says_how_many(tmp_path):
+    path = tmp_path / "answer.txt"
+    path.write_text(ANSWER, encoding="utf-8")
+    runner = CliRunner()
+    args = ["parse", str(path), "-d", "qwen2.5-vl", "--input-size", "1000x1000",
+            "--image-size", "1000x1000"]
+    out = runner.invoke(app, args)
+    assert out.exit_code == 0, out.output
+    record = json.loads(out.stdout)
+    assert len(record["detections"]) == 2 and record["dropped"] == {"duplicate": 2}
+    record = json.loads(runner.invoke(app, [*args, "--no-dedup"]).stdout)
+    assert len(record["detections"]) == 4
+    record = json.loads(runner.invoke(app, [*args, "--dedup-iou", "1"]).stdout)
+    assert len(record["detections"]) == 3  # only the identical one went
+    bad = runner.invoke(app, [*args, "--dedup-iou", "1.5"])
+    assert bad.exit_code == 2 and "--dedup-iou" in bad.output
+
+
+@pytest.mark.parametrize("flags, kept, iou", [([], 1, 0.7), (["--no-dedup"], 3, None),
+                                              (["--dedup-iou", "0.95"], 2, 0.95)])
+def test_label_records_dedup_and_counts_it(tmp_path, flags, kept, iou):
+    """Through `grounding label` with a server that writes every box three times."""
+    from PIL import Image
+
+    from grounding.testing.loopback import LoopbackServer, grounding_handler
+
+    def thrice(answer: str) -> str:
+        line = answer.split("\n")[2]  # the object line of answer_text's JSON list
+        return answer.replace(line, ",\n".join([line, line, _nudge(line)]))
+
+    images = tmp_path / "images"
+    images.mkdir()
+    im = Image.new("RGB", (400, 300), (128, 128, 128))
+    im.paste((255, 0, 0), (100, 100, 200, 180))
+    im.save(images / "a.png")
+    with LoopbackServer(handler=grounding_handler("qwen2.5-vl", text=thrice)) as server:
+        out = CliRunner().invoke(app, [
+            "label", str(images), "--out", str(tmp_path / "run"), "--classes", "red box",
+            "--backend", "openai", "--base-url", server.base_url, "--model", "m",
+            "--dialect", "qwen2.5-vl", *flags])
+    assert out.exit_code == 0, out.output
+    record = json.loads((tmp_path / "run" / "predictions.jsonl").read_text())
+    assert len(record["detections"]) == kept
+    assert record["dropped"].get("duplicate", 0) == 3 - kept
+    config = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert config["dedup_iou"] == iou and config["dedup_agnostic"] is False
+
+
+def _nudge(line: str) -> str:
+    """The object line with its box 8 pixels wider: IoU about 0.93 with the original
+    (a duplicate at 0.7, not at 0.95)."""
+    import re
+
+    def wider(m):
+        x1, y1, x2, y2 = (int(v) for v in m.group(1).split(","))
+        return f'"bbox_2d": [{x1}, {y1}, {x2 + 8}, {y2}]'
+
+    return re.sub(r'"bbox_2d": \[([^\]]+)\]', wider, line)
