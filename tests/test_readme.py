@@ -31,7 +31,8 @@ def test_the_readme_has_python_examples():
 def test_readme_python_examples_run_as_written(tmp_path, monkeypatch):
     images = ROOT / "assets/images"
     for name, source in [("street.jpg", "astronaut.jpg"), ("photo.jpg", "cameraman.jpg"),
-                         ("part.jpg", "coffee.jpg"), ("examples/scratch1.jpg", "rocket.jpg")]:
+                         ("part.jpg", "coffee.jpg"), ("examples/scratch1.jpg", "rocket.jpg"),
+                         ("aerial.jpg", "coffee.jpg")]:
         (tmp_path / name).parent.mkdir(exist_ok=True)
         shutil.copy(images / source, tmp_path / name)
     monkeypatch.chdir(tmp_path)

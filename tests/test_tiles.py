@@ -3,6 +3,7 @@ in the whole (EXIF-upright) image, fused across tile borders, kept once across o
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -30,7 +31,7 @@ def test_grid_covers_the_image_with_equal_overlapping_tiles(size, cols, rows, ov
         covered[y0:y1, x0:x1] = True
     assert covered.all()
     w = tiles[0][2] - tiles[0][0]
-    for a, b in zip(tiles[:cols - 1], tiles[1:cols], strict=True):
+    for a, b in itertools.pairwise(tiles[:cols]):
         assert a[2] - b[0] >= overlap * w - 1  # neighbours share at least the overlap
 
 
@@ -48,7 +49,7 @@ def test_auto_grid_fits_the_budget_with_reasonable_tiles():
 
 @pytest.mark.parametrize("text", ["3", "3x", "0x2", "axb", "100x1"])
 def test_a_malformed_grid_is_one_line(text):
-    with pytest.raises(ValueError, match="COLSxROWS|1x1 to 64x64"):
+    with pytest.raises(ValueError, match=r"COLSxROWS|1x1 to 64x64"):
         Tiling.parse(text)
     out = CliRunner().invoke(app, ["detect", "x.jpg", "--classes", "a", "--tiles", text])
     assert out.exit_code == 2 and "--tiles" in out.output
