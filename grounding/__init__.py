@@ -20,6 +20,7 @@ from grounding.pipeline.overlay import annotate  # also lends Result.annotate
 from grounding.pipeline.qa import ask  # also lends Result.ask
 from grounding.pipeline.verify import verify
 from grounding.runs.labeling import label
+from grounding.runs.merge import merge_runs
 from grounding.runs.rundir import RunDir
 
 __all__ = [
@@ -53,6 +54,7 @@ __all__ = [
     "label",
     "load_image",
     "load_ontology",
+    "merge_runs",
     "model_frame",
     "parse",
     "result_from_text",

@@ -125,7 +125,7 @@ def test_cli_per_class_needs_classes(tmp_path):
                                    "--per-class", "--backend", "openai", "--base-url",
                                    "http://127.0.0.1:9/v1", "--model", "m", "--dialect",
                                    "qwen2.5-vl"])
-    assert out.exit_code == 2 and "need classes" in out.output
+    assert out.exit_code == 2 and "needs classes" in out.output
 
 
 def test_tiles_on_the_tiny_checkpoint_batch_like_one_at_a_time():

@@ -94,7 +94,8 @@ def engine(options: dict[str, Any], *, max_new_tokens: int, json_schema: bool):
 
 
 def setup(options: dict, classes: str | None, ontology: Path | None, prompt: str | None,
-          *, max_new_tokens: int, json_schema: bool, need_classes: bool = False):
+          *, max_new_tokens: int, json_schema: bool, need_classes: bool = False,
+          per_class: bool | None = None):
     """(backend, classes-or-ontology, ontology dict) from a command's options; exits 2 with
     one line on a bad option, a missing model or an unreachable server."""
     from grounding.pipeline.detector import load_ontology
@@ -105,6 +106,11 @@ def setup(options: dict, classes: str | None, ontology: Path | None, prompt: str
         raise typer.BadParameter("give --classes or --ontology")
     if classes is None and ontology is None and prompt is None:
         raise typer.BadParameter("give --classes, --ontology or --prompt")
+    if per_class and classes is None and ontology is None:
+        raise typer.BadParameter("--per-class needs classes (--classes or --ontology)")
+    if per_class and prompt and "{class}" not in prompt:
+        raise typer.BadParameter("--per-class with --prompt needs {class} in the prompt, "
+                                 "where each class goes", param_hint="--prompt")
     if classes is not None and not any(c.strip() for c in classes.split(",")):
         fail(f"--classes {classes!r} names no class: give them comma-separated, e.g. "
              '--classes "person,car"')

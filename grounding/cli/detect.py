@@ -51,7 +51,8 @@ def detect(
                  "value (--points, not --points true)")
     engine, wanted, _ = setup(backend_options, classes, ontology, prompt,
                               max_new_tokens=detection.max_new_tokens,
-                              json_schema=detection.json_schema)
+                              json_schema=detection.json_schema,
+                              per_class=detection.per_class)
     query = make_query(wanted, prompt, points=points, references=reference,
                        detection=detection)
     watch = ReachWatch(engine)

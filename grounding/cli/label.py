@@ -68,7 +68,8 @@ def label(
         fail(exc)
     engine, wanted, mapping = setup(backend_options, classes, ontology, prompt,
                                     max_new_tokens=detection.max_new_tokens,
-                                    json_schema=detection.json_schema, need_classes=True)
+                                    json_schema=detection.json_schema,
+                                    per_class=detection.per_class, need_classes=True)
     detector = detection.detector(engine)
     query = make_query(wanted, prompt, points=points, references=reference,
                        detection=detection)
