@@ -91,15 +91,19 @@ def test_config_keys_are_the_label_fields_and_the_run_keys():
     marked = {f.name for cls in (BackendOptions, *BACKENDS.values())
               for f in dataclasses.fields(cls) if f.metadata["labels"]}
     assert set(LABEL_KEYS) == marked == {"model", "dialect", "min_pixels", "max_pixels",
-                                         "max_new_tokens"}
+                                         "max_new_tokens", "stop_repeats"}
     assert len(CONFIG_KEYS) == len(set(CONFIG_KEYS))
     assert set(CONFIG_KEYS) == marked | set(RUN_KEYS)
-    # The keys every run.json has held since runs existed, so old runs resume.
-    assert set(CONFIG_KEYS) == {
-        "images_dir", "backend", "model", "dialect", "prompt", "classes", "ontology", "task",
-        "system", "min_pixels", "max_pixels", "max_new_tokens", "shard", "min_score",
-        "verify", "verify_threshold", "references"}
-    assert CONFIG_DEFAULTS == {"verify": False, "references": None}
+    # The keys every run.json has held since runs existed, so old runs resume; a key
+    # added later says what a run.json without it meant (stop_repeats: no stop then).
+    first = {"images_dir", "backend", "model", "dialect", "prompt", "classes", "ontology",
+             "task", "system", "min_pixels", "max_pixels", "max_new_tokens", "shard",
+             "min_score", "verify_threshold"}
+    assert first <= set(CONFIG_KEYS)
+    assert set(CONFIG_KEYS) - first == set(CONFIG_DEFAULTS)
+    assert CONFIG_DEFAULTS["stop_repeats"] == 0
+    assert {k: CONFIG_DEFAULTS[k] for k in ("verify", "references")} == {
+        "verify": False, "references": None}
 
 
 EDITED = textwrap.dedent("""

@@ -18,6 +18,7 @@ from grounding.backends.placement import Machine, check_device, plan
 from grounding.core.dialects import Dialect, get_dialect
 from grounding.core.errors import GeometryError, GroundingError
 from grounding.core.geometry import Size, model_frame, resolve_budget
+from grounding.core.repetition import check_repeats
 
 log = logging.getLogger("grounding")
 
@@ -98,6 +99,12 @@ class LocalBackend:
     A batch that runs out of GPU memory is split in halves, down to one image, and later
     batches are capped at the size that fitted; an image that does not fit alone is that
     request's :class:`GPUOutOfMemory` error.
+
+    A row that degenerates into writing one object text ``stop_repeats`` times in a row
+    (grounding.core.repetition) is stopped there (token_scores.RepetitionStop) while the
+    rest of the batch runs on: its Generation holds what it wrote up to the stop, with
+    ``repetition`` set and ``truncated`` not: it stopped before the token limit, which
+    would only have let it write more copies.
     """
 
     def __init__(
@@ -110,10 +117,12 @@ class LocalBackend:
         min_pixels: int | None = LocalOptions.min_pixels,
         max_pixels: int | None = LocalOptions.max_pixels,
         max_new_tokens: int = LocalOptions.max_new_tokens,
+        stop_repeats: int = LocalOptions.stop_repeats,
         attn_implementation: str | None = None,
         scores: bool = True,
     ) -> None:
         self.model = str(model)
+        check_repeats(stop_repeats)
         # What can be checked without torch and transformers (seconds to import) first.
         check_device(device)
         source, offline = resolve_model(self.model)
@@ -165,6 +174,9 @@ class LocalBackend:
         self.patch_size = int(self.processor.image_processor.patch_size)
         self.min_pixels, self.max_pixels = resolve_budget(self.dialect, min_pixels, max_pixels)
         self.max_new_tokens = max_new_tokens
+        self.stop_repeats = stop_repeats
+        """Stop a row once it ends in this many copies of one object text (0: never)."""
+        self._digit_ids: frozenset[int] | None = None
         self.scores = scores
         """Record each step's log-probabilities (confidences, --verify); False skips it."""
         self.batch_cap: int | None = None
@@ -174,6 +186,16 @@ class LocalBackend:
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos)
         self.eos_ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
         self.pad_id = tokenizer.pad_token_id
+
+    @property
+    def digit_ids(self) -> frozenset[int]:
+        """The token ids whose text holds a digit (a repeated object must), read from the
+        vocabulary on first use."""
+        if self._digit_ids is None:
+            from grounding.backends.token_scores import digit_ids
+
+            self._digit_ids = digit_ids(self.tokenizer)
+        return self._digit_ids
 
     def frame(self, image_size: Size) -> Size:
         return model_frame(self.dialect, *image_size, min_pixels=self.min_pixels,
@@ -220,7 +242,7 @@ class LocalBackend:
     def _generate(self, requests: list[Request]) -> list[Generation]:
         import torch
 
-        from grounding.backends.token_scores import RowLimits, StepRecorder
+        from grounding.backends.token_scores import RepetitionStop, RowLimits, StepRecorder
 
         t0 = time.perf_counter()
         # Every image of every request in message order: a request's references, then its
@@ -242,26 +264,38 @@ class LocalBackend:
         inputs = inputs.to(self.device)
         prompt_length = inputs["input_ids"].shape[1]
         limits = [r.max_new_tokens or self.max_new_tokens for r in requests]
+        criteria: list[Any] = [RowLimits(prompt_length, limits)]
+        repetition = None
+        if self.stop_repeats:
+            repetition = RepetitionStop(prompt_length, limits, repeats=self.stop_repeats,
+                                        digits=self.digit_ids,
+                                        ends=self.eos_ids | {self.pad_id} - {None})
+            criteria.append(repetition)
         t1 = time.perf_counter()
         recorder = StepRecorder(self.net, TOP_LOGPROBS) if self.scores else nullcontext()
         with torch.inference_mode(), recorder:
             out = self.net.generate(
                 **inputs, max_new_tokens=max(limits), do_sample=False,
                 logits_processor=[recorder] if self.scores else None,
-                stopping_criteria=[RowLimits(prompt_length, limits)],
+                stopping_criteria=criteria,
                 pad_token_id=self.pad_id,
             )
         t2 = time.perf_counter()
         new = out[:, prompt_length:].cpu()
         logprobs, top_values, top_ids = recorder.result(out) if self.scores else (None,) * 3
+        stopped = repetition.stopped if repetition is not None else {}
         results = []
         for b, (row, limit, frame) in enumerate(zip(new.tolist(), limits, seen, strict=True)):
             row = row[:limit]
-            stop = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
-            ids = row if stop is None else row[:stop]
+            if b in stopped:  # what it wrote up to the stop; the rest is padding
+                ids, truncated = row[:stopped[b]], False
+            else:
+                stop = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
+                ids = row if stop is None else row[:stop]
+                truncated = stop is None and len(row) >= limit
             generation = Generation(
                 text=self.tokenizer.decode(ids, skip_special_tokens=False),
-                input_size=frame, truncated=stop is None and len(row) >= limit)
+                input_size=frame, truncated=truncated, repetition=b in stopped)
             if self.scores:
                 n = len(ids)
                 generation.tokens = self.token_texts(ids)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from grounding.core.dialects import Dialect
+from grounding.core.repetition import DEFAULT_REPEATS
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 """The local backend's model when none is given."""
@@ -86,6 +87,11 @@ class BackendOptions:
     max_new_tokens: int = setting(
         DEFAULT_MAX_NEW_TOKENS, "Generation limit; an answer that hits it is flagged "
                                 "truncated.", labels=True, cli="command", min=1)
+    stop_repeats: int = setting(
+        DEFAULT_REPEATS, "An answer that degenerates into writing the same object text "
+                         "this many times in a row is flagged repetition (the local "
+                         "backend stops it there; what it wrote is kept); 0 turns it off.",
+        labels=True, missing=0, min=0)
 
 
 @dataclass(frozen=True)

@@ -14,12 +14,14 @@ generate appended, so the record is exact under any decoding.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from functools import lru_cache
 from typing import Any
 
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
+
+from grounding.core.repetition import DIGITS, repeating_ids
 
 
 def top_k_and_lse(logits: torch.Tensor, k: int, chunk: int = 256,
@@ -134,6 +136,71 @@ class RowLimits(StoppingCriteria):
                  **kwargs: Any) -> torch.BoolTensor:
         generated = input_ids.shape[1] - self.prompt_length
         return (generated >= self.limits).to(input_ids.device)
+
+
+class RepetitionStop(StoppingCriteria):
+    """Stops each row once its generated ids (after the prompt) end in runaway repetition
+    (grounding.core.repetition.repeating_ids: one object text ``repeats`` times in a row,
+    or one token over and over), and remembers where: ``stopped`` maps a row to the
+    number of tokens it had generated then, the last of them completing the last copy.
+
+    transformers keeps generating for the batch after a row stops: the row is padded with
+    ``pad_token_id`` when an end-of-sequence criterion is in use, and otherwise goes on
+    writing tokens that nobody reads. Either way, what a stopped row wrote is its first
+    ``stopped[row]`` generated tokens. A row that has written one of ``ends``
+    (end-of-sequence, padding) or gone past its own ``limits`` entry is finished and no
+    longer checked (its padding is no repetition).
+
+    Each step reads one new id per row (the whole rows again only when a step was
+    missed) and checks only rows still running, at a cost of microseconds per row.
+    """
+
+    def __init__(self, prompt_length: int, limits: Sequence[int], *, repeats: int,
+                 digits: Collection[int] | None, ends: Collection[int]) -> None:
+        self.prompt_length = prompt_length
+        self.limits = list(limits)
+        self.repeats = repeats
+        self.digits = digits
+        self.ends = frozenset(ends)
+        self.stopped: dict[int, int] = {}
+        self._rows: list[list[int]] = []
+        self._finished: set[int] = set()
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor,
+                 **kwargs: Any) -> torch.BoolTensor:
+        generated = input_ids.shape[1] - self.prompt_length
+        if self._rows and all(len(row) == generated - 1 for row in self._rows):
+            for row, token in zip(self._rows, input_ids[:, -1].tolist(), strict=True):
+                row.append(token)
+        else:
+            self._rows = input_ids[:, self.prompt_length:].tolist()
+            self._finished |= {b for b, row in enumerate(self._rows)
+                               if not self.ends.isdisjoint(row[:-1])}
+        done = []
+        for b, row in enumerate(self._rows):
+            if b not in self.stopped and b not in self._finished:
+                if len(row) > self.limits[b] or not self.ends.isdisjoint(row[-1:]):
+                    self._finished.add(b)
+                elif repeating_ids(row, repeats=self.repeats, digits=self.digits):
+                    self.stopped[b] = len(row)
+            done.append(b in self.stopped)
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+def digit_ids(tokenizer: Any) -> frozenset[int]:
+    """The ids whose text (as TokenTexts gives it) holds an ASCII digit: what a repeated
+    object must hold (grounding.core.repetition). A token's text can only hold a digit
+    when its vocabulary piece does (byte-level pieces keep digits as themselves, byte
+    fallbacks spell them ``<0x3N>``), so only those pieces and the added tokens are
+    decoded."""
+    size = len(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
+    added = set(tokenizer.added_tokens_decoder)
+    candidates = [i for i, piece in enumerate(pieces)
+                  if i in added or (piece is not None and not DIGITS.isdisjoint(piece))]
+    texts = TokenTexts(tokenizer)(candidates)
+    return frozenset(i for i, text in zip(candidates, texts, strict=True)
+                     if not DIGITS.isdisjoint(text))
 
 
 @lru_cache(maxsize=1)

@@ -53,6 +53,7 @@ from grounding.backends.remote.retry import (
 )
 from grounding.core.dialects import Dialect, get_dialect, guess_dialect
 from grounding.core.geometry import Size, model_frame, resolve_budget
+from grounding.core.repetition import check_repeats
 
 log = logging.getLogger("grounding")
 
@@ -67,7 +68,9 @@ class OpenAIBackend:
     every error and log line. ``endpoint`` is the path under
     ``base_url`` (or a full URL) that takes the chat request. Without ``model`` the
     first one the server lists is used; without ``dialect`` it is guessed from the model
-    name (an unknown name is an error, not a guess).
+    name (an unknown name is an error, not a guess). An answer that ends in one object
+    text written ``stop_repeats`` times in a row is flagged ``repetition`` (codec.
+    read_generation): a server cannot be stopped mid-answer from here.
     """
 
     def __init__(
@@ -88,6 +91,7 @@ class OpenAIBackend:
         min_pixels: int | None = RemoteOptions.min_pixels,
         max_pixels: int | None = RemoteOptions.max_pixels,
         max_new_tokens: int = RemoteOptions.max_new_tokens,
+        stop_repeats: int = RemoteOptions.stop_repeats,
         token_param: str = RemoteOptions.token_param,
         logprobs: bool = RemoteOptions.logprobs,
         json_schema: bool = RemoteOptions.json_schema,
@@ -97,6 +101,7 @@ class OpenAIBackend:
     ) -> None:
         import openai  # noqa: F401 - fail at construction, not at the first request
 
+        check_repeats(stop_repeats)
         self.base_url = base_url.rstrip("/")
         self.endpoint = endpoint
         if api_key_env:
@@ -120,6 +125,8 @@ class OpenAIBackend:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.max_new_tokens = max_new_tokens
+        self.stop_repeats = stop_repeats
+        """Flag an answer ending in this many copies of one object text (0: never)."""
         if token_param not in ("max_tokens", "max_completion_tokens"):
             raise ValueError("token_param must be max_tokens or max_completion_tokens")
         self.token_param = token_param
@@ -379,7 +386,7 @@ class OpenAIBackend:
 
     def _read(self, text: str, frame: Size) -> Generation:
         try:
-            return read_generation(text, frame)
+            return read_generation(text, frame, repeats=self.stop_repeats)
         except RemoteError as exc:  # a provider's message may quote the request
             raise RemoteError(self._scrub(str(exc)), exc.status, exc.retryable,
                               exc.connection) from None

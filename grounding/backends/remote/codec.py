@@ -21,6 +21,7 @@ from PIL import Image
 from grounding.backends.base import TOP_LOGPROBS, Generation, Request, alternatives
 from grounding.backends.remote.retry import RemoteError, provider_message, says_busy
 from grounding.core.geometry import Size
+from grounding.core.repetition import DEFAULT_REPEATS, repeating_tail
 
 TRUNCATED_REASONS = frozenset({"length", "max_tokens", "max_length", "model_length"})
 """finish_reason values meaning "cut off"; anything else ("stop", Qianfan's "normal",
@@ -135,10 +136,15 @@ def chat_body(request: Request, image_urls: Sequence[str], *, model: str, dialec
     return body
 
 
-def read_generation(text: str, frame: Size) -> Generation:
+def read_generation(text: str, frame: Size, *, repeats: int = DEFAULT_REPEATS) -> Generation:
     """A chat-completions answer as a Generation whose coordinates refer to ``frame``;
     RemoteError when it holds no answer: retryable when the body is not JSON at all (a
-    proxy's error page, a cut connection) or its error says "busy"."""
+    proxy's error page, a cut connection) or its error says "busy".
+
+    ``repetition`` is set when the answer ends in one object text written ``repeats``
+    times in a row (grounding.core.repetition; 0: never): a server cannot be stopped
+    mid-answer, so such an answer is flagged, and ``truncated`` still says whether the
+    server cut it at the token limit (a runaway answer usually is both)."""
     try:
         data = json.loads(text)
     except ValueError:
@@ -159,7 +165,8 @@ def read_generation(text: str, frame: Size) -> Generation:
     tokens, logprobs, top = read_logprobs(choice)
     return Generation(text=content, input_size=frame,
                       truncated=choice.get("finish_reason") in TRUNCATED_REASONS,
-                      tokens=tokens, token_logprobs=logprobs, top_logprobs=top)
+                      tokens=tokens, token_logprobs=logprobs, top_logprobs=top,
+                      repetition=repeating_tail(content, repeats=repeats) is not None)
 
 
 def read_logprobs(choice: dict[str, Any]) -> tuple[
