@@ -156,9 +156,11 @@ class RunDir:
             if changed and not force:
                 details = "; ".join(f"{k}: {before[k]!r} -> {config.get(k)!r}" for k in changed)
                 raise RunConfigError(
-                    f"{self.path} was labelled with another configuration ({details}). Use a "
-                    "new --out directory, or --force to start this one over (the old "
-                    "predictions are kept as predictions.<time>.jsonl)."
+                    f"{self.path} was labelled with another configuration ({details}). Run "
+                    "with the settings in its run.json to go on (a run from an older "
+                    "grounding: --no-dedup --stop-repeats 0), use a new --out directory, or "
+                    "--force to start this one over (the old predictions are kept as "
+                    "predictions.<time>.jsonl)."
                 )
             if changed:
                 stamp = time.strftime("%Y%m%d-%H%M%S")
