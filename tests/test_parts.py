@@ -148,3 +148,40 @@ def test_tiles_on_the_tiny_checkpoint_batch_like_one_at_a_time():
             assert tuple(request["input_size"]) == backend.frame((tile[2] - tile[0],
                                                                   tile[3] - tile[1]))
         assert [r["raw"] for r in b.requests] == [r["raw"] for r in a.requests]
+
+
+@pytest.mark.parametrize("dialect", ["qwen2-vl", "deepseek-vl2", "qwen-vl"])
+def test_label_on_a_model_that_grounds_one_reference_finds_every_class(tmp_path, dialect):
+    """A server that, like these models, grounds only the first thing a prompt names:
+    by default each class is its own request and every class is found; joined, only the
+    first class comes back."""
+    from grounding.testing.loopback import LoopbackServer, scene_handler
+    from grounding.testing.scenes import scene
+
+    s = scene(448, 448, [("red box", (40, 40, 140, 140)), ("green box", (200, 60, 330, 170)),
+                         ("blue box", (80, 250, 260, 400))])
+    images = tmp_path / "images"
+    images.mkdir()
+    s.image.save(images / "a.png")
+    runner = CliRunner()
+    with LoopbackServer(handler=scene_handler(dialect, min_size=4, first_only=True)) as server:
+        common = ["label", str(images), "--classes", "red box,green box,blue box",
+                  "--backend", "openai", "--base-url", server.base_url, "--model", "m",
+                  "--dialect", dialect]
+        out = runner.invoke(app, [*common, "--out", str(tmp_path / "split")])
+        assert out.exit_code == 0, out.output
+        assert len(server.completions) == 3
+        out = runner.invoke(app, [*common, "--out", str(tmp_path / "joined"),
+                                  "--no-per-class"])
+        assert out.exit_code == 0, out.output
+    split = json.loads((tmp_path / "split" / "predictions.jsonl").read_text())
+    joined = json.loads((tmp_path / "joined" / "predictions.jsonl").read_text())
+    assert sorted(d["label"] for d in split["detections"]) == ["blue box", "green box",
+                                                               "red box"]
+    assert [r["class"] for r in split["requests"]] == ["red box", "green box", "blue box"]
+    for d in split["detections"]:
+        truth = next(o.box for o in s.objects if o.label == d["label"])
+        assert max(abs(a - b) for a, b in zip(d["bbox"], truth, strict=True)) <= 2
+    assert [d["label"] for d in joined["detections"]] == ["red box"]
+    assert json.loads((tmp_path / "split" / "run.json").read_text())["per_class"] is True
+    assert json.loads((tmp_path / "joined" / "run.json").read_text())["per_class"] is False

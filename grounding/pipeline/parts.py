@@ -176,8 +176,9 @@ def _group(obj: Box | Point) -> object:
 def fuse_tiles(result: Result) -> Result:
     """One box per object seen by several tiles (grounding.core.tiles.fuse_groups):
     when a tile border cut one of its views, the union of the views (``attributes.tiles``
-    lists them); else the best view (the others count as ``duplicate``). Pieces fused
-    into another box count as ``fused``. Points: one per object, the best view."""
+    lists them); else the best view (the others count as ``duplicate``). Pieces from
+    other tiles fused into one box count as ``fused``, more than one from a tile as
+    ``duplicate``. Points: one per object, the first view."""
     size = result.image_size
     assert size is not None
     boxes = result.boxes
@@ -197,7 +198,9 @@ def fuse_tiles(result: Result) -> Result:
             attributes = {k: v for k, v in boxes[best].attributes.items() if k != "tile"}
             attributes["tiles"] = [list(tiles[i]) for i in group]
             kept.append((min(group), replace(boxes[best], bbox=union, attributes=attributes)))
-            fused += len(group) - 1
+            seen_by = len({tiles[i] for i in group})
+            fused += seen_by - 1  # one piece per tile; more from one tile: written twice
+            duplicates += len(group) - seen_by
         else:
             kept.append((min(group), boxes[best]))
             duplicates += len(group) - 1

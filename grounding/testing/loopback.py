@@ -30,6 +30,14 @@ tuple whose body is bytes, text or a JSON-able value. Ready-made behaviours:
 
 * :func:`grounding_handler`: finds the pure-red rectangle in the image it received and
   answers with its box in a dialect's syntax and coordinate frame, like a perfect model;
+* :func:`scene_handler`: a perfect but short-sighted model for the synthetic scenes of
+  :mod:`grounding.testing.scenes` (solid red, green, blue boxes on a grey ground): every
+  object of the classes the prompt names, in the dialect's syntax and frame, but only
+  those at least ``min_size`` pixels on both sides in the frame it received (so the small
+  objects of a 4032x3024 photo need tiles); it can also write each object ``duplicates``
+  more times a pixel or two off, repeat its last line until the token limit
+  (``repeat_until_limit``: cut there, finish_reason "length"), and answer only about the
+  first class named (``first_only``, like the models that ground one reference);
 * :func:`fixed_handler`: a fixed small grounding answer, without looking at the image;
 * :func:`scripted`: a sequence of replies for the first calls (per call count, or per key
   such as the image size), then a handler; the fault replies :func:`rate_limited`,
@@ -52,7 +60,11 @@ From the command line, for trying ``--backend openai`` offline::
     python -m grounding.testing.loopback --port 8000 --dialect qwen2.5-vl [--latency 0.2]
 
 serves :func:`grounding_handler` answers for that dialect and prints its base URL; Ctrl-C
-or SIGTERM stops it.
+or SIGTERM stops it. With ``--scene`` it serves :func:`scene_handler` instead, for images
+made by :mod:`grounding.testing.scenes`::
+
+    python -m grounding.testing.loopback --scene --min-size 16 --duplicates 1 \\
+        [--repeat-until-limit] [--first-only]
 """
 
 from __future__ import annotations
@@ -70,22 +82,24 @@ import re
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
 
-from grounding.testing.answers import answer_text
+from grounding.testing.answers import answer_objects, answer_text
 
 __all__ = [
     "LoopbackRequest",
     "LoopbackServer",
     "Reply",
+    "answer_objects",
     "answer_text",
     "as_reply",
     "chat_request_problem",
+    "classes_asked",
     "completion",
     "dashscope_error",
     "decode_data_url",
@@ -98,6 +112,8 @@ __all__ = [
     "qianfan_error",
     "rate_limited",
     "red_box",
+    "requested_max_tokens",
+    "scene_handler",
     "scripted",
     "segmind_no_credits",
     "server_error",
@@ -495,6 +511,126 @@ def grounding_handler(dialect: Any = "qwen2.5-vl", server_frame: tuple[int, int]
     return handle
 
 
+def requested_max_tokens(request: LoopbackRequest, default: int) -> int:
+    """The generation limit the request asks for (``max_tokens``, else
+    ``max_completion_tokens``), else ``default``."""
+    body = request.json if isinstance(request.json, dict) else {}
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = body.get(key)
+        if _is_int(value) and value >= 1:
+            return value
+    return default
+
+
+def classes_asked(text: str, names: Iterable[str], *, first_only: bool = False) -> list[str]:
+    """The class names that ``text`` mentions (ignoring case), in the order it first
+    mentions them; only the first with ``first_only``."""
+    lowered = text.lower()
+    found = sorted((lowered.find(n.lower()), n) for n in names if n.lower() in lowered)
+    named = [n for _, n in found]
+    return named[:1] if first_only else named
+
+
+def _duplicated(objects: list[tuple[str, tuple[int, int, int, int]]], copies: int,
+                size: tuple[int, int]) -> list[tuple[str, tuple[int, int, int, int]]]:
+    """Each object followed by ``copies`` more of it, a third of them identical, the rest
+    with each edge moved by up to 2 px (1 px on objects under 40 px), so that a copy
+    overlaps its object at an IoU above 0.75: the near-duplicates a grounding model
+    writes. Deterministic in the objects and ``size``."""
+    if copies <= 0:
+        return objects
+    w, h = size
+    rng = random.Random(f"{size}:{objects}")
+    out = []
+    for label, box in objects:
+        out.append((label, box))
+        reach = 1 if min(box[2] - box[0], box[3] - box[1]) < 40 else 2
+        for _ in range(copies):
+            if rng.random() < 1 / 3:
+                out.append((label, box))
+                continue
+            x1, y1, x2, y2 = (v + rng.randint(-reach, reach) for v in box)
+            x1, y1 = min(max(0, x1), w - 1), min(max(0, y1), h - 1)
+            out.append((label, (x1, y1, max(x1 + 1, min(w, x2)), max(y1 + 1, min(h, y2)))))
+    return out
+
+
+def scene_handler(dialect: Any = "qwen2.5-vl", *, min_size: int = 16, duplicates: int = 0,
+                  repeat_until_limit: bool = False, first_only: bool = False,
+                  classes: Mapping[str, tuple[int, int, int]] | None = None,
+                  max_tokens: int = 2048) -> Handler:
+    """A perfect but short-sighted grounding model for :mod:`grounding.testing.scenes`
+    images: it finds every solid-colour object of the classes the prompt names in the
+    image it received (:func:`~grounding.testing.scenes.colour_boxes`) and answers with
+    their boxes in ``dialect``'s syntax and coordinate frame, labelled with the class.
+
+    * It sees only objects whose box is at least ``min_size`` pixels on both sides *in the
+      frame it received*: small objects of a large image shrink below that when the
+      client scales the image down to its pixel budget, and are found again in a tile
+      sent at close to full resolution.
+    * It answers about the classes (``classes``: name -> pure colour, default
+      :data:`~grounding.testing.scenes.DEFAULT_CLASSES`) whose name the prompt mentions,
+      in the order the prompt first names them, each class top to bottom; none named:
+      an empty answer. ``first_only``: only the first class named, like the models that
+      ground one referring expression (Qwen-VL, Qwen2-VL, DeepSeek-VL2 given a list).
+    * ``duplicates=N``: each object is written N more times right after it, a third of
+      the copies identical and the rest a pixel or two off.
+    * ``repeat_until_limit``: after the objects, the last one is written again and again
+      until the request's ``max_tokens`` (``max_tokens`` when it sets none), counted with
+      :func:`tokenize`; the answer is cut there with ``finish_reason`` "length", like a
+      degenerating model.
+
+    Any answer longer than the request's token limit is cut there ("length"). The work
+    runs in a worker thread, so concurrent requests are served in parallel.
+    """
+    from grounding.core.dialects import get_dialect
+    from grounding.testing.scenes import DEFAULT_CLASSES
+
+    d = get_dialect(dialect)
+    colours = dict(classes or DEFAULT_CLASSES)
+
+    def answer(request: LoopbackRequest) -> Reply:
+        from grounding.testing.scenes import colour_boxes
+
+        try:
+            image = request.image()
+        except (ValueError, OSError) as exc:
+            return Reply(400, {"error": {"message": f"cannot read the image: {exc}",
+                                         "type": "invalid_request_error", "code": None}})
+        asked = classes_asked(request.text, colours, first_only=first_only)
+        found = colour_boxes(image, {n: colours[n] for n in asked},
+                             min_size=min_size) if asked else []
+        found.sort(key=lambda o: asked.index(o[0]))  # stable: each class top to bottom
+        objects = _duplicated(found, duplicates, image.size)
+        w, h = image.size
+        written: list[tuple[Sequence[float], str]] = []
+        for label, box in objects:
+            if d.is_relative:
+                assert d.norm is not None
+                written.append(((box[0] / w * d.norm, box[1] / h * d.norm,
+                                 box[2] / w * d.norm, box[3] / h * d.norm), label))
+            else:
+                written.append((box, label))
+        limit = requested_max_tokens(request, max_tokens)
+        text = answer_objects(d, written)
+        if repeat_until_limit and written:
+            more = 8
+            while len(tokenize(text)) <= limit:
+                text = answer_objects(d, written + [written[-1]] * more)
+                more *= 2
+        tokens = tokenize(text)
+        finish = "stop"
+        if len(tokens) > limit:
+            text, finish = "".join(tokens[:limit]), "length"
+        return Reply(200, completion(text, model=request.model, finish_reason=finish,
+                                     logprobs=request.wants_logprobs))
+
+    async def handle(request: LoopbackRequest) -> Reply:
+        return await asyncio.to_thread(answer, request)
+
+    return handle
+
+
 # ------------------------------------------------------------------------ fault replies
 
 
@@ -840,16 +976,35 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="how the answers are written (default qwen2.5-vl)")
     parser.add_argument("--latency", type=float, default=0.0,
                         help="seconds each answer takes (default 0)")
-    parser.add_argument("--label", default="red box", help="the label of the box")
+    parser.add_argument("--label", default="red box",
+                        help="the label of the box (not with --scene)")
+    parser.add_argument("--scene", action="store_true",
+                        help="answer like a short-sighted model for grounding.testing.scenes "
+                             "images: every red/green/blue box of the classes the prompt "
+                             "names ('red box', 'green box', 'blue box')")
+    parser.add_argument("--min-size", type=int, default=16,
+                        help="--scene: the smallest side, in pixels of the frame received, "
+                             "of an object the model sees (default 16)")
+    parser.add_argument("--duplicates", type=int, default=0,
+                        help="--scene: write each object this many more times (default 0)")
+    parser.add_argument("--repeat-until-limit", action="store_true",
+                        help="--scene: repeat the last object until the token limit")
+    parser.add_argument("--first-only", action="store_true",
+                        help="--scene: answer only about the first class the prompt names")
     parser.add_argument("--model", default=None,
                         help="the model name /v1/models lists (default loopback-DIALECT, "
                              "from which grounding guesses the dialect)")
     args = parser.parse_args(argv)
     dialect = get_dialect(args.dialect)
     model = args.model or f"loopback-{dialect.name}"
-    server = LoopbackServer(handler=grounding_handler(dialect, label=args.label),
-                            port=args.port, latency=args.latency, models=[model],
-                            record=False)
+    if args.scene:
+        handler = scene_handler(dialect, min_size=args.min_size, duplicates=args.duplicates,
+                                repeat_until_limit=args.repeat_until_limit,
+                                first_only=args.first_only)
+    else:
+        handler = grounding_handler(dialect, label=args.label)
+    server = LoopbackServer(handler=handler, port=args.port, latency=args.latency,
+                            models=[model], record=False)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
@@ -862,7 +1017,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"loopback server ({dialect.name}, model {model}) at {server.base_url}; "
+    kind = "scene, " if args.scene else ""
+    print(f"loopback server ({kind}{dialect.name}, model {model}) at {server.base_url}; "
           "Ctrl-C stops it", flush=True)
     try:
         while not stop.wait(0.5):
