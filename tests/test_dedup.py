@@ -180,3 +180,28 @@ def _nudge(line: str) -> str:
         return f'"bbox_2d": [{x1}, {y1}, {x2 + 8}, {y2}]'
 
     return re.sub(r'"bbox_2d": \[([^\]]+)\]', wider, line)
+
+
+def test_the_run_summary_counts_what_was_dropped_and_repeating_answers(tmp_path):
+    from grounding import Detector, Query, RunDir, label
+    from grounding.testing.loopback import LoopbackServer, scene_handler
+    from grounding.testing.scenes import scene
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(2):
+        scene(400, 300, [("red box", (40, 40, 140, 140))], seed=i).image.save(
+            images / f"{i}.png")
+    handler = scene_handler("qwen2.5-vl", min_size=4, duplicates=2, repeat_until_limit=True)
+    with LoopbackServer(handler=handler) as server:
+        from grounding.backends.remote import OpenAIBackend
+
+        backend = OpenAIBackend("m", base_url=server.base_url, dialect="qwen2.5-vl",
+                                max_new_tokens=300)
+        try:
+            summary = label(Detector(backend), Query.make(["red box"]), images,
+                            RunDir(tmp_path / "run"))
+        finally:
+            backend.close()
+    assert summary["repeating_outputs"] == 2 and summary["truncated_outputs"] == 2
+    assert summary["objects"] == 2 and summary["dropped"]["duplicate"] >= 4

@@ -186,11 +186,14 @@ def summarize(run: RunDir) -> dict[str, Any]:
     classes = config.get("classes") or []
     per_class: Counter[str] = Counter()
     unmatched: Counter[str] = Counter()
-    objects = truncated = 0
+    objects = truncated = repeating = 0
+    dropped: Counter[str] = Counter()
     done: set[str] = set()
     for record in read_jsonl(run.predictions):
         done.add(record.get("image"))
         truncated += bool(record.get("truncated"))
+        repeating += bool(record.get("repetition"))
+        dropped.update(record.get("dropped") or {})
         for obj in (record.get("detections") or []) + (record.get("points") or []):
             objects += 1
             cid = obj.get("class_id")
@@ -205,5 +208,7 @@ def summarize(run: RunDir) -> dict[str, Any]:
         "objects_per_class": {c: per_class.get(c, 0) for c in classes},
         "unmatched_labels": dict(unmatched.most_common()),
         "truncated_outputs": truncated,
+        "repeating_outputs": repeating,
+        "dropped": dict(sorted(dropped.items())),
         "errors": len(failed),
     }
