@@ -205,3 +205,28 @@ def test_the_run_summary_counts_what_was_dropped_and_repeating_answers(tmp_path)
             backend.close()
     assert summary["repeating_outputs"] == 2 and summary["truncated_outputs"] == 2
     assert summary["objects"] == 2 and summary["dropped"]["duplicate"] >= 4
+
+
+def test_the_quick_pre_check_never_hides_a_duplicate():
+    """may_have_duplicates (the cheap test run first) is False only when the exact
+    comparison keeps every box: random groups, near-threshold pairs, boxes without area,
+    identical boxes, small and large groups (both of its paths)."""
+    from grounding.core.dedup import may_have_duplicates
+
+    rng = np.random.default_rng(1)
+    for trial in range(400):
+        n = int(rng.integers(2, 120 if trial % 10 == 0 else 12))
+        xy = rng.uniform(0, 300, (n, 2)).round(int(rng.integers(0, 3)))
+        wh = rng.uniform(0, 60, (n, 2)).round(1)
+        wh[rng.random(n) < 0.05] = 0.0  # some without area
+        xyxy = np.concatenate([xy, xy + wh], axis=1)
+        if n > 3 and rng.random() < 0.3:
+            xyxy[1] = xyxy[0]
+        if n > 3 and rng.random() < 0.3:  # a pair near the threshold
+            xyxy[2] = xyxy[3] + [0, 0, float(rng.uniform(0, 20)), 0]
+        groups = [str(g) for g in rng.integers(0, 3, n)]
+        iou = float(rng.choice([0.3, 0.5, 0.7, 0.9, 1.0]))
+        boxes = [tuple(map(float, b)) for b in xyxy]
+        exact = keep_boxes(xyxy, groups, [None] * n, iou)
+        if not may_have_duplicates(boxes, groups, iou):
+            assert exact.all(), (boxes, groups, iou)

@@ -138,6 +138,15 @@ class Box(_Located):
     _where: ClassVar[tuple[str, str]] = ("bbox", "model_bbox")
 
     def __post_init__(self) -> None:
+        bbox = self.bbox
+        if type(bbox) is tuple and len(bbox) == 4:  # the usual case, checked in place:
+            x1, y1, x2, y2 = bbox  # four floats in order with a finite sum (see _coords)
+            if (type(x1) is float and type(y1) is float and type(x2) is float
+                    and type(y2) is float and x1 <= x2 and y1 <= y2
+                    and math.isfinite(x1 + y1 + x2 + y2)):
+                if self.score is not None:
+                    self.score = _score("box", self.label, self.score)
+                return
         x1, y1, x2, y2 = _coords("box", self.label, self.bbox, 4)
         if x1 > x2 or y1 > y2:
             raise InvalidResult(f"box {self.label!r}: {self.bbox!r} is reversed; a bbox is "
@@ -161,6 +170,13 @@ class Point(_Located):
     _where: ClassVar[tuple[str, str]] = ("point", "model_point")
 
     def __post_init__(self) -> None:
+        point = self.point
+        if type(point) is tuple and len(point) == 2:  # the usual case, checked in place
+            x, y = point
+            if type(x) is float and type(y) is float and math.isfinite(x + y):
+                if self.score is not None:
+                    self.score = _score("point", self.label, self.score)
+                return
         x, y = _coords("point", self.label, self.point, 2)
         self.point = (x, y)
         self.score = _score("point", self.label, self.score)

@@ -16,7 +16,9 @@ def parse_qwen_json(text: str) -> ParsedOutput:
     and counts nothing twice; plain lines are only read when nothing structured was found,
     since a line of numbers inside other output is more likely data than a box.
     """
-    found = parse_json_objects(text) + parse_xml_points(text) + parse_html_bboxes(text)
+    found = parse_json_objects(text)
+    if "<" in text:  # points and HTML boxes are tags: without a "<", neither finds anything
+        found = found + parse_xml_points(text) + parse_html_bboxes(text)
     if not found.objects:
         found = found + parse_plain_lines(text)
     return found

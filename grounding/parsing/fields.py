@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from grounding.parsing.types import Kind, RawObject
+from grounding.parsing.types import Kind, RawObject, raw_object
 
 BOX_KEYS = ("bbox_2d", "bbox", "box_2d", "box", "bounding_box", "bndbox", "xyxy")
 POINT_KEYS = ("point_2d", "point", "keypoint", "coordinate")
@@ -39,9 +39,13 @@ class InvalidObject(ValueError):
     """A dict that names coordinates but whose coordinates are unusable."""
 
 
+_COORD_KEY_ORDER = (*BOX_KEYS, *POINT_KEYS)
+_PLAIN_NUMBER_TYPES = frozenset((int, float))
+
+
 def coord_key(obj: Mapping[str, Any]) -> str | None:
     """The key holding coordinates, or None when the dict is not a grounding object."""
-    for key in (*BOX_KEYS, *POINT_KEYS):
+    for key in _COORD_KEY_ORDER:
         if key in obj:
             return key
     return None
@@ -49,6 +53,8 @@ def coord_key(obj: Mapping[str, Any]) -> str | None:
 
 def numbers(value: Any) -> list[float]:
     """Flatten numbers written as ints, floats, numeric strings or nested lists."""
+    if type(value) is list and _PLAIN_NUMBER_TYPES.issuperset(map(type, value)):
+        return list(map(float, value))  # what JSON answers hold: [x1, y1, x2, y2]
     if isinstance(value, bool):
         raise InvalidObject(f"boolean {value!r} is not a coordinate")
     if isinstance(value, int | float):
@@ -104,10 +110,21 @@ def _text(value: Any) -> str | None:
 
 def object_from_dict(obj: Mapping[str, Any], start: int = 0) -> RawObject:
     """Build a RawObject; raises InvalidObject when the coordinates are unusable."""
-    key = coord_key(obj)
+    key = "bbox_2d" if "bbox_2d" in obj else coord_key(obj)  # Qwen's key, first in BOX_KEYS
     if key is None:
         raise InvalidObject("no coordinate key")
-    coords = numbers(obj[key])
+    value = obj[key]
+    coords: tuple[float, ...] | None = None
+    if type(value) is list:  # numbers()' usual cases, without its calls
+        if len(value) == 4:
+            x1, y1, x2, y2 = value
+            if (type(x1) in _PLAIN_NUMBER_TYPES and type(y1) in _PLAIN_NUMBER_TYPES
+                    and type(x2) in _PLAIN_NUMBER_TYPES and type(y2) in _PLAIN_NUMBER_TYPES):
+                coords = (float(x1), float(y1), float(x2), float(y2))
+        elif _PLAIN_NUMBER_TYPES.issuperset(map(type, value)):
+            coords = tuple(map(float, value))
+    if coords is None:
+        coords = tuple(numbers(value))
     kind: Kind
     if key in BOX_KEYS and len(coords) == 4:
         kind = "box"
@@ -118,9 +135,18 @@ def object_from_dict(obj: Mapping[str, Any], start: int = 0) -> RawObject:
         kind = "box"
     else:
         raise InvalidObject(f"{key} holds {len(coords)} numbers")
+    written = obj.get("label")
+    if type(written) is str and (label := written.strip()):  # label_of's usual case
+        if len(obj) == 2:
+            attributes: dict[str, Any] = {}  # nothing but the coordinates and the label
+        else:
+            attributes = dict(obj)
+            del attributes[key], attributes["label"]
+        return raw_object(kind, coords, label, attributes, start)
     label, label_key = label_of(obj)
     # A nested label (`names: {"en", "zh"}`) stays in attributes: it holds the other languages.
-    drop = {key} if label_key is None or not isinstance(obj[label_key], str) else {key, label_key}
-    attributes = {k: v for k, v in obj.items() if k not in drop}
-    return RawObject(kind=kind, coords=tuple(coords), label=label, attributes=attributes,
-                     start=start)
+    attributes = dict(obj)
+    del attributes[key]
+    if label_key is not None and isinstance(obj[label_key], str):
+        del attributes[label_key]
+    return raw_object(kind, coords, label, attributes, start)

@@ -26,6 +26,7 @@ from grounding.parsing.types import ParsedOutput, RawObject
 _VALUE_START = "{[,:"
 _SIGNIFICANT = re.compile(r"[{}\[\]\"'\\\n]")
 _LITERALS = {"true": True, "false": False, "null": None, "none": None}
+_DECODER = json.JSONDecoder()
 
 
 def parse_json_objects(text: str) -> ParsedOutput:
@@ -57,22 +58,27 @@ def parse_json_objects(text: str) -> ParsedOutput:
 
 def _parse_whole(text: str) -> ParsedOutput | None:
     """The common case, one well-formed JSON value (fenced or not): one ``json.loads``."""
-    first = min((i for i in (text.find("["), text.find("{")) if i >= 0), default=-1)
+    bracket, brace = text.find("["), text.find("{")
+    first = bracket if brace < 0 or 0 <= bracket < brace else brace  # -1: neither
     last = max(text.rfind("]"), text.rfind("}"))
-    if first < 0 or last < first or "{" in text[last:] or "[" in text[last:]:
+    if first < 0 or last < first or text.find("{", last) >= 0 or text.find("[", last) >= 0:
         return None
     try:
-        value = json.loads(text[first : last + 1])
+        # json.loads(text[first : last + 1]) without the copy and the wrapper: the value
+        # must start at `first` and end exactly at `last`.
+        value, end = _DECODER.raw_decode(text, first)
     except (json.JSONDecodeError, RecursionError):
+        return None
+    if end != last + 1:
         return None
     objects: list[RawObject] = []
     invalid = 0
     for obj in _grounding_dicts(value):
         try:
-            objects.append(object_from_dict(obj, start=first))
+            objects.append(object_from_dict(obj, first))
         except InvalidObject:
             invalid += 1
-    return ParsedOutput(objects=tuple(objects), invalid=invalid) if objects or invalid else None
+    return ParsedOutput(tuple(objects), False, invalid) if objects or invalid else None
 
 
 def load_lenient(candidate: str) -> Any | None:
@@ -112,14 +118,17 @@ def _literal(node: ast.AST) -> Any:
 def _grounding_dicts(value: Any) -> Iterator[dict]:
     """Dicts with a coordinate key, found at any depth; a match is not searched further."""
     if isinstance(value, dict):
-        if COORD_KEYS.intersection(k for k in value if isinstance(k, str)):
+        if not COORD_KEYS.isdisjoint(value):  # only a str key can equal a coordinate key
             yield value
             return
         for v in value.values():
             yield from _grounding_dicts(v)
     elif isinstance(value, list):
         for v in value:
-            yield from _grounding_dicts(v)
+            if type(v) is dict and not COORD_KEYS.isdisjoint(v):
+                yield v  # the usual answer, a list of objects: no generator per item
+            else:
+                yield from _grounding_dicts(v)
 
 
 def _match_braces(text: str) -> tuple[dict[int, int], bool]:

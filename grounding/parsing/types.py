@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 Kind = Literal["box", "point"]
@@ -18,6 +18,26 @@ class RawObject:
     attributes: dict[str, Any] = field(default_factory=dict)
     start: int = 0
     """Offset of the object in the text, so objects from different syntaxes keep text order."""
+
+
+_new = object.__new__
+_set = object.__setattr__
+
+
+def raw_object(kind: Kind, coords: tuple[float, ...], label: str | None,
+               attributes: dict[str, Any], start: int) -> RawObject:
+    """``RawObject(kind, coords, label, attributes, start)``, the same object in about
+    half the time: a frozen dataclass's ``__init__`` sets each field through
+    ``object.__setattr__``, this sets them all at once. For the parsers' per-object
+    loops; it takes every field, so nothing is left to a default."""
+    obj = _new(RawObject)
+    _set(obj, "__dict__", {"kind": kind, "coords": coords, "label": label,
+                           "attributes": attributes, "start": start})
+    return obj
+
+
+if [f.name for f in fields(RawObject)] != ["kind", "coords", "label", "attributes", "start"]:
+    raise AssertionError("RawObject's fields changed: give raw_object every field")
 
 
 @dataclass(frozen=True)

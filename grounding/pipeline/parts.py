@@ -19,7 +19,7 @@ from PIL import Image
 from grounding.backends.base import Backend, Generation, Request
 from grounding.core.assemble import build_result
 from grounding.core.confidence import score_objects
-from grounding.core.dedup import DEFAULT_DEDUP_IOU, dedup, ranking
+from grounding.core.dedup import DEFAULT_DEDUP_IOU, dedup, group_key, ranking
 from grounding.core.geometry import Size
 from grounding.core.result import Box, Point, Result
 from grounding.core.tiles import Tile, cut_sides, fuse_groups, offset_box
@@ -169,10 +169,6 @@ def _tile_of(obj: Box | Point, size: Size) -> Tile:
     return (0, 0, size[0], size[1]) if tile is None else tuple(tile)  # type: ignore[return-value]
 
 
-def _group(obj: Box | Point) -> object:
-    return ("id", obj.class_id) if obj.class_id is not None else ("label", obj.label)
-
-
 def fuse_tiles(result: Result) -> Result:
     """One box per object seen by several tiles (grounding.core.tiles.fuse_groups):
     when a tile border cut one of its views, the union of the views (``attributes.tiles``
@@ -188,7 +184,7 @@ def fuse_tiles(result: Result) -> Result:
     tiles = [_tile_of(b, size) for b in boxes]
     kept: list[tuple[int, Box]] = []
     fused = duplicates = 0
-    for group in fuse_groups(result.xyxy, tiles, [_group(b) for b in boxes], size):
+    for group in fuse_groups(result.xyxy, tiles, [group_key(b) for b in boxes], size):
         best = max(group, key=lambda i: rank[i])
         if len(group) == 1:
             kept.append((best, boxes[best]))
@@ -221,7 +217,7 @@ def _fuse_points(points: list[Point], size: Size) -> list[Point]:
     for p in points:
         tile = _tile_of(p, size)
         radius = max(4.0, 0.01 * float(np.hypot(tile[2] - tile[0], tile[3] - tile[1])))
-        if not any(_tile_of(q, size) != tile and _group(q) == _group(p)
+        if not any(_tile_of(q, size) != tile and group_key(q) == group_key(p)
                    and np.hypot(q.point[0] - p.point[0], q.point[1] - p.point[1]) <= radius
                    for q in kept):
             kept.append(p)

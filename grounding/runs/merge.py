@@ -73,6 +73,7 @@ from typing import Any
 import numpy as np
 
 from grounding._version import __version__
+from grounding.core.dedup import group_key, ranking
 from grounding.core.errors import GroundingError
 from grounding.core.result import Box, InvalidResult, Point, Result
 from grounding.runs.labeling import summarize
@@ -344,23 +345,6 @@ def _write_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def _key(obj: Box | Point) -> Hashable:
-    """What two boxes must share to be one object: the class id, else the label."""
-    return ("id", obj.class_id) if obj.class_id is not None else ("label", obj.label)
-
-
-def _rank(scores: Sequence[float | None]) -> np.ndarray:
-    """Each box's rank as a descending pseudo-score (n .. 1): best score first, unscored
-    after scored, the earlier (run, then position) first among equals. supervision sorts
-    by this column, so its choices are deterministic."""
-    order = sorted(range(len(scores)),
-                   key=lambda i: (scores[i] is None, -(scores[i] or 0.0), i))
-    rank = np.empty(len(scores), dtype=np.float64)
-    for place, i in enumerate(order):
-        rank[i] = len(scores) - place
-    return rank
-
-
 def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     import supervision as sv
 
@@ -406,11 +390,11 @@ class _Merger:
 
     def _boxes(self, boxes: list[Box], runs: list[int], width: int, height: int,
                dropped: dict[str, int]) -> list[Box]:
-        keys = [_key(b) for b in boxes]
+        keys = [group_key(b) for b in boxes]
         ids = {k: i for i, k in enumerate(dict.fromkeys(keys))}
         xyxy = np.array([b.bbox for b in boxes], dtype=np.float64)
         scores = [b.score for b in boxes]
-        rank = _rank(scores)
+        rank = ranking(scores)
         predictions = np.column_stack([xyxy, rank, [ids[k] for k in keys]])
         if self.method == "nms":
             groups = self._nms(predictions, dropped)
@@ -529,7 +513,7 @@ class _Merger:
         found: dict[Hashable, tuple[Point, list[int]]] = {}
         for j, result in enumerate(results):
             for point in result.points:
-                key = (_key(point), *point.point)
+                key = (group_key(point), *point.point)
                 if key in found:
                     found[key][1].append(j)
                     dropped["duplicate"] = dropped.get("duplicate", 0) + 1
