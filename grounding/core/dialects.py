@@ -34,7 +34,9 @@ from grounding.parsing import (
 @dataclass(frozen=True)
 class Dialect:
     name: str
-    parse: Callable[[str], ParsedOutput]
+    parse: Callable[..., ParsedOutput]
+    """``parse(text, keys=None)``: every box and point of an answer, in the model's frame
+    (``keys``: grounding.parsing.Keys a user's prompt imposed)."""
     coords: Literal["absolute", "relative"]
     """``absolute``: pixels of the model's input frame; ``relative``: 0..``norm`` of it."""
     norm: float | None = None

@@ -5,10 +5,10 @@ from __future__ import annotations
 from grounding.parsing.json_objects import load_lenient, parse_json_objects
 from grounding.parsing.markup import parse_html_bboxes, parse_plain_lines, parse_xml_points
 from grounding.parsing.refs import DEEPSEEK_VL2, QWEN2_VL, QWEN_VL, RefSyntax, parse_refs
-from grounding.parsing.types import ParsedOutput, RawObject
+from grounding.parsing.types import Keys, ParsedOutput, RawObject
 
 
-def parse_qwen_json(text: str) -> ParsedOutput:
+def parse_qwen_json(text: str, keys: Keys | None = None) -> ParsedOutput:
     """Everything Qwen2.5-VL and Qwen3-VL write: JSON objects, XML points, QwenVL-HTML
     boxes and plain-text box lines, merged in text order.
 
@@ -24,15 +24,15 @@ def parse_qwen_json(text: str) -> ParsedOutput:
     return found
 
 
-def parse_qwen2_vl(text: str) -> ParsedOutput:
+def parse_qwen2_vl(text: str, keys: Keys | None = None) -> ParsedOutput:
     return parse_refs(text, QWEN2_VL, bare_fallback=True)
 
 
-def parse_qwen_vl(text: str) -> ParsedOutput:
+def parse_qwen_vl(text: str, keys: Keys | None = None) -> ParsedOutput:
     return parse_refs(text, QWEN_VL)
 
 
-def parse_deepseek_vl2(text: str) -> ParsedOutput:
+def parse_deepseek_vl2(text: str, keys: Keys | None = None) -> ParsedOutput:
     return parse_refs(text, DEEPSEEK_VL2)
 
 
@@ -40,6 +40,7 @@ __all__ = [
     "DEEPSEEK_VL2",
     "QWEN2_VL",
     "QWEN_VL",
+    "Keys",
     "ParsedOutput",
     "RawObject",
     "RefSyntax",

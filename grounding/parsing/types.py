@@ -68,3 +68,23 @@ class ParsedOutput:
             truncated=self.truncated or other.truncated,
             invalid=self.invalid + other.invalid,
         )
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The keys a user's own prompt imposed on the answer (``--box-key``, ``--point-key``,
+    ``--label-key``): where the parser reads a box, a point and the label when its own
+    rule would guess wrong. None: the parser's rule decides."""
+
+    box: str | None = None
+    point: str | None = None
+    label: str | None = None
+
+    def __bool__(self) -> bool:
+        return any((self.box, self.point, self.label))
+
+    def to_dict(self) -> dict[str, str] | None:
+        """As run.json records it: the keys given, None when none was."""
+        given = {k: v for k, v in (("box", self.box), ("point", self.point),
+                                   ("label", self.label)) if v}
+        return given or None
