@@ -8,6 +8,7 @@ from typing import NoReturn
 
 import typer
 
+from grounding.cli import options as opt
 from grounding.core.errors import GroundingError
 
 EXIT_STATUS = ("Exit status: 0 every image done; 1 some images failed (their records say "
@@ -45,7 +46,9 @@ def make_query(wanted, prompt: str | None, *, points: bool, references: list[Pat
     try:
         return Query.make(wanted, prompt, points=points, system=detection.system,
                           references=[str(p) for p in references or []],
-                          per_class=detection.per_class, tiling=tiling)
+                          per_class=detection.per_class, tiling=tiling,
+                          keys=opt.keys(detection.box_key, detection.point_key,
+                                        detection.label_key))
     except GroundingError as exc:
         fail(f"reference image {exc}")
     except ValueError as exc:  # an ontology naming no class, --per-class without classes

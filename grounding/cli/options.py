@@ -135,6 +135,22 @@ NoDedup = Annotated[bool, flag("--no-dedup", help="Keep duplicate boxes and poin
 DedupAgnostic = Annotated[bool, flag(
     "--dedup-agnostic", help="Boxes of different classes can be duplicates too.")]
 
+BoxKey = Annotated[str | None, typer.Option(
+    help="With a prompt of your own: the key your answers hold each box under (default: "
+         "any list of 4 numbers is a box, see README).")]
+PointKey = Annotated[str | None, typer.Option(
+    help="With a prompt of your own: the key your answers hold each point under.")]
+LabelKey = Annotated[str | None, typer.Option(
+    help="With a prompt of your own: the key your answers hold each label under.")]
+
+
+def keys(box_key: str | None, point_key: str | None, label_key: str | None):
+    """The parsing.Keys of --box-key, --point-key and --label-key (None when none)."""
+    from grounding.parsing import Keys
+
+    return Keys(box_key, point_key, label_key) or None
+
+
 BACKEND = OptionGroup(backend_options())
 """The backend options of every command that runs a model, as one dict by parameter name
 (grounding.cli.backend.make_backend reads it)."""
@@ -180,6 +196,9 @@ class DetectionOptions:
     tiles_with_full: Annotated[bool, flag(
         "--tiles-with-full", help="--tiles: also ask about the whole image, for objects "
                                   "larger than a tile.")] = False
+    box_key: BoxKey = None
+    point_key: PointKey = None
+    label_key: LabelKey = None
 
     def __post_init__(self) -> None:
         self.tiling()  # a malformed --tiles fails before a model is loaded

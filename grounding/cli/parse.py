@@ -49,6 +49,9 @@ def parse(
     dedup_iou: opt.DedupIou = opt.DEFAULT_DEDUP_IOU,
     no_dedup: opt.NoDedup = False,
     dedup_agnostic: opt.DedupAgnostic = False,
+    box_key: opt.BoxKey = None,
+    point_key: opt.PointKey = None,
+    label_key: opt.LabelKey = None,
 ) -> None:
     """Read a model's answer and print the JSON record of every box and point in it.
 
@@ -84,6 +87,7 @@ def parse(
             classes=ClassMap.parse(classes) if classes else None,
             image=None if file == "-" else file,
             dedup_iou=None if no_dedup else dedup_iou, dedup_agnostic=dedup_agnostic,
+            keys=opt.keys(box_key, point_key, label_key),
         )
     except (GroundingError, ValueError) as exc:
         fail(exc)

@@ -18,7 +18,7 @@ from grounding.core.geometry import (
     scale_factors,
 )
 from grounding.core.result import Box, Point, Result, score_at_least
-from grounding.parsing import ParsedOutput
+from grounding.parsing import Keys, ParsedOutput
 
 
 def build_result(
@@ -158,9 +158,13 @@ def result_from_text(
     image_size: Size | None = None,
     input_size: Size | None = None,
     classes: ClassMap | Iterable[str] | Mapping[str, str] | None = None,
+    keys: Keys | None = None,
     **kwargs,
 ) -> Result:
-    """Parse a model answer and map it onto the image in one call."""
+    """Parse a model answer and map it onto the image in one call. ``keys``: where to
+    read boxes, points and labels when a prompt of one's own named them
+    (grounding.parsing.Keys)."""
     d = get_dialect(dialect)
-    return build_result(d.parse(text), d, image_size=image_size, input_size=input_size,
+    parsed = d.parse(text, keys) if keys else d.parse(text)
+    return build_result(parsed, d, image_size=image_size, input_size=input_size,
                         classes=classes, raw=text, **kwargs)

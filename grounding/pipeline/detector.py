@@ -17,6 +17,7 @@ from grounding.core.errors import GroundingError
 from grounding.core.result import Result
 from grounding.core.tiles import Tiling
 from grounding.io.images import ImageSource, describe, load_image
+from grounding.parsing import Keys
 from grounding.pipeline.parts import Keep, Part, assemble, failed, plan, requests
 from grounding.pipeline.prefetch import prefetch
 from grounding.pipeline.query import Query
@@ -85,12 +86,12 @@ class Detector:
                points: bool = False, system: str | None = None, verify: bool | None = None,
                verify_threshold: float | None = None,
                references: Sequence[ImageSource] = (), per_class: bool | None = None,
-               tiles: str | Tiling | None = None) -> Result:
+               tiles: str | Tiling | None = None, keys: Keys | None = None) -> Result:
         """Detect in one image; a bad image raises :class:`ImageLoadError`."""
         result = next(self.detect_many([image], classes, prompt, points=points, system=system,
                                        verify=verify, verify_threshold=verify_threshold,
                                        references=references, per_class=per_class,
-                                       tiles=tiles))
+                                       tiles=tiles, keys=keys))
         if result.error:
             raise GroundingError(result.error)
         return result
@@ -101,7 +102,8 @@ class Detector:
                     window: int = 8, verify: bool | None = None,
                     verify_threshold: float | None = None,
                     references: Sequence[ImageSource] = (), per_class: bool | None = None,
-                    tiles: str | Tiling | None = None) -> Iterator[Result]:
+                    tiles: str | Tiling | None = None,
+                    keys: Keys | None = None) -> Iterator[Result]:
         """Results in input order; a bad image yields a Result with ``error`` set.
 
         Images are decoded in ``io_workers`` threads while the model works, read up to
@@ -122,10 +124,13 @@ class Detector:
         model grounds one reference at a time). ``tiles``: ``"auto"``, ``"3x2"`` or a
         :class:`~grounding.core.tiles.Tiling`: ask about overlapping tiles of each image
         (small objects in large images); boxes come back in whole-image pixels.
+        ``keys``: with a prompt of one's own that names its keys, where the answers hold
+        boxes, points and labels (grounding.parsing.Keys).
         """
         tiling = Tiling.parse(tiles) if isinstance(tiles, str) else tiles
         query = Query.make(classes, prompt, points=points, system=system,
-                           references=references, per_class=per_class, tiling=tiling)
+                           references=references, per_class=per_class, tiling=tiling,
+                           keys=keys)
         yield from self.detect_query(images, query, batch_size=batch_size, window=window,
                                      verify=verify, verify_threshold=verify_threshold)
 

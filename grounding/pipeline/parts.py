@@ -119,7 +119,7 @@ def _piece(name: str, image: Image.Image, query: Query, part: Part, out: Generat
     """One answer read onto its crop and moved onto the whole image."""
     size = image.size if part.tile is None else (part.tile[2] - part.tile[0],
                                                  part.tile[3] - part.tile[1])
-    parsed = backend.dialect.parse(out.text)
+    parsed = query.parse(backend.dialect, out.text)
     scores = score_objects(out.text, parsed.objects, out.tokens, out.token_logprobs)
     result = build_result(
         parsed, backend.dialect, image_size=size, input_size=out.input_size,

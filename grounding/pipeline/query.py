@@ -13,6 +13,7 @@ from grounding.core.classes import ClassMap
 from grounding.core.dialects import Dialect, get_dialect
 from grounding.core.tiles import Tiling
 from grounding.io.images import ImageSource, describe, load_image
+from grounding.parsing import Keys
 from grounding.pipeline.prompts import Task, class_prompt, expression_prompt, with_references
 
 CLASS_FIELD = "{class}"
@@ -37,6 +38,8 @@ class Query:
     for); None lets the dialect decide (models that ground one reference at a time:
     Qwen-VL, Qwen2-VL, DeepSeek-VL2). ``tiling``: ask about overlapping tiles of each
     image (grounding.core.tiles) instead of (``with_full``: as well as) the whole image.
+    ``keys``: where the answers hold boxes, points and labels when the prompt named its
+    own keys (grounding.parsing.Keys); None lets the parser's rule find them.
     """
 
     classes: ClassMap | None = None
@@ -49,12 +52,14 @@ class Query:
     reference_names: tuple[str, ...] = ()
     per_class: bool | None = None
     tiling: Tiling | None = None
+    keys: Keys | None = None
 
     @classmethod
     def make(cls, classes: Sequence[str] | Mapping[str, str] | str | None = None,
              prompt: str | None = None, *, points: bool = False,
              system: str | None = None, references: Sequence[ImageSource] = (),
-             per_class: bool | None = None, tiling: Tiling | None = None) -> Query:
+             per_class: bool | None = None, tiling: Tiling | None = None,
+             keys: Keys | None = None) -> Query:
         """A bad reference image raises ImageLoadError: it would spoil every request.
         ``per_class`` True with a prompt of one's own needs ``{class}`` in it (ValueError
         otherwise): that is where each class goes."""
@@ -73,7 +78,8 @@ class Query:
                              f"{CLASS_FIELD} in it, where each class goes")
         loaded = tuple(load_image(r) for r in references)
         return cls(class_map, None, prompt, "points" if points else "boxes", system, loaded,
-                   tuple(describe(r) for r in references), per_class, tiling)
+                   tuple(describe(r) for r in references), per_class, tiling,
+                   keys or None)
 
     def asks_per_class(self, dialect: str | Dialect) -> bool:
         """Whether each class is asked for in its own request with ``dialect``: when
@@ -119,6 +125,10 @@ class Query:
         asks = self.asks(dialect)
         return asks[0].prompt if len(asks) == 1 and asks[0].phrase is None else [
             a.prompt for a in asks]
+
+    def parse(self, dialect: Dialect, text: str):
+        """An answer to this query read in ``dialect``, with the query's keys."""
+        return dialect.parse(text, self.keys) if self.keys else dialect.parse(text)
 
     def request(self, image: Image.Image, text: str) -> Request:
         return Request(image, text, self.system, self.task, references=self.references)

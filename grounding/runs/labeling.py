@@ -67,6 +67,7 @@ def run_config(detector: Detector, query: Query, images_dir: Path, shard: tuple[
         "dedup_iou": detector.dedup_iou,
         "dedup_agnostic": bool(detector.dedup_agnostic) if detector.dedup_iou is not None
         else False,
+        "keys": None if query.keys is None else query.keys.to_dict(),
         "grounding_version": __version__,
     }
 
