@@ -2,16 +2,19 @@
 
 What it measures
 ----------------
-The corpus is the verbatim model answers in ``tests/fixtures/real_outputs/*.txt``
-(``qwen25vl_*`` files are Qwen2.5-VL, ``qwen3vl_*`` files are Qwen3-VL). Each answer is
-turned into detections by
+The corpus is the verbatim model answers in ``tests/fixtures/real_outputs/*.txt``, each
+read in its family's dialect by file prefix (``qwenvl_`` Qwen-VL, ``qwen2vl_`` Qwen2-VL,
+``qwen25vl_`` Qwen2.5-VL, ``qwen3vl_`` Qwen3-VL, ``deepseekvl2_`` DeepSeek-VL2), reported
+as two corpora: ``issue 14`` (the 15 Qwen2.5-VL/Qwen3-VL cookbook answers) and ``issue 15``
+(the 33 answers of every family to other prompts). Each answer is turned into detections by
 
 * grounding:   ``grounding.result_from_text(text, dialect, image_size=..., input_size=...)``
   (parse + rescale + clip + class/score checks + duplicate removal, which is on by
   default: the whole text -> Result path in image pixels),
 * grounding without dedup: the same with ``dedup_iou=None``, for what dedup costs, and
-* supervision: ``sv.Detections.from_vlm(sv.VLM.QWEN_2_5_VL / QWEN_3_VL, text, ...)``
-  (parse + rescale).
+* supervision: ``sv.Detections.from_vlm(sv.VLM.QWEN_2_5_VL / QWEN_3_VL / DEEPSEEK_VL_2,
+  text, ...)`` (parse + rescale). supervision 0.31 has no Qwen-VL or Qwen2-VL parser:
+  those answers count 0 for it (``no sv.VLM``).
 
 1. Recovery: per file, how many objects each tool returns (grounding: boxes + points;
    supervision: boxes). An exception is caught per file and shown as ``error: <Type>``.
@@ -134,6 +137,31 @@ class Sample:
     dialect: str  # grounding dialect name
     text: str
 
+    @property
+    def corpus(self) -> str:
+        """``issue 14``: the Qwen2.5-VL/Qwen3-VL cookbook answers the parser was built on;
+        ``issue 15``: the answers collected since, from every family, to other prompts."""
+        return "issue 14" if self.name in ISSUE14 else "issue 15"
+
+
+FAMILY_DIALECT = {"qwenvl_": "qwen-vl", "qwen2vl_": "qwen2-vl", "qwen25vl_": "qwen2.5-vl",
+                  "qwen3vl_": "qwen3-vl", "deepseekvl2_": "deepseek-vl2"}
+
+ISSUE14 = frozenset((
+    "qwen25vl_docparsing_qwenvl_html.txt", "qwen25vl_ocr_text_spotting_receipt.txt",
+    "qwen25vl_spatial_brave_person.txt", "qwen25vl_spatial_cakes_describe.txt",
+    "qwen25vl_spatial_counting_json_plus_prose.txt",
+    "qwen25vl_spatial_paper_fox_shadow_abs_gt1000.txt", "qwen25vl_spatial_plaintext_format.txt",
+    "qwen25vl_spatial_small_cakes.txt", "qwen25vl_spatial_sunglasses.txt",
+    "qwen25vl_spatial_top_right_brown_cake.txt", "qwen3vl_2d_grounding_dining_table.txt",
+    "qwen3vl_omni_anime_nested_names_MALFORMED.txt", "qwen3vl_omni_food_name_zh_en.txt",
+    "qwen3vl_spatial_point_free_space.txt", "qwen3vl_think_with_images_zoom_tool_call.txt",
+))
+
+# supervision 0.31's sv.VLM has QWEN_2_5_VL, QWEN_3_VL and DEEPSEEK_VL_2; no Qwen-VL or
+# Qwen2-VL: those answers count 0 for it.
+SV_VLM = {"qwen2.5-vl": "QWEN_2_5_VL", "qwen3-vl": "QWEN_3_VL", "deepseek-vl2": "DEEPSEEK_VL_2"}
+
 
 @dataclass
 class Outcome:
@@ -143,6 +171,8 @@ class Outcome:
 
     @property
     def cell(self) -> str:
+        if self.error == "no sv.VLM":
+            return "0 (no sv.VLM)"
         return str(self.count) if self.error is None else f"error: {self.error}"
 
 
@@ -155,11 +185,9 @@ def extract_raw(path: Path) -> str:
 def load_corpus(corpus: Path) -> list[Sample]:
     samples = []
     for path in sorted(corpus.glob("*.txt")):
-        if path.name.startswith("qwen25vl_"):
-            dialect = "qwen2.5-vl"
-        elif path.name.startswith("qwen3vl_"):
-            dialect = "qwen3-vl"
-        else:
+        dialect = next((d for prefix, d in FAMILY_DIALECT.items()
+                        if path.name.startswith(prefix)), None)
+        if dialect is None:
             continue
         samples.append(Sample(path.name, dialect, extract_raw(path)))
     return samples
@@ -190,7 +218,8 @@ def supervision_fn(sample: Sample, frame: Size) -> Callable[[], object]:
         return lambda: sv.Detections.from_vlm(
             sv.VLM.QWEN_2_5_VL, text, input_wh=frame, resolution_wh=frame
         )
-    return lambda: sv.Detections.from_vlm(sv.VLM.QWEN_3_VL, text, resolution_wh=frame)
+    vlm = getattr(sv.VLM, SV_VLM[sample.dialect])
+    return lambda: sv.Detections.from_vlm(vlm, text, resolution_wh=frame)
 
 
 def run_grounding(sample: Sample, frame: Size) -> Outcome:
@@ -203,6 +232,8 @@ def run_grounding(sample: Sample, frame: Size) -> Outcome:
 
 
 def run_supervision(sample: Sample, frame: Size) -> Outcome:
+    if sample.dialect not in SV_VLM:
+        return Outcome(0, "no sv.VLM")
     try:
         detections = supervision_fn(sample, frame)()
     except Exception as exc:
@@ -342,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
 
     samples = load_corpus(args.corpus)
     if not samples:
-        parser.error(f"no qwen25vl_*/qwen3vl_* .txt files in {args.corpus}")
+        parser.error(f"no qwenvl_/qwen2vl_/qwen25vl_/qwen3vl_/deepseekvl2_ .txt files in "
+                     f"{args.corpus}")
 
     console = Console(width=max(Console().width, 120))
     console.print(
@@ -355,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     # ---- recovery -------------------------------------------------------------------
     table = Table(title="Objects recovered per real model output")
     table.add_column("file")
+    table.add_column("corpus")
     table.add_column("dialect")
     table.add_column("grounding", justify="right")
     table.add_column("dropped", justify="right")
@@ -364,31 +397,37 @@ def main(argv: list[str] | None = None) -> int:
     for sample in samples:
         g, s = run_grounding(sample, frame), run_supervision(sample, frame)
         outcomes.append((sample, g, s))
-        table.add_row(sample.name, sample.dialect, g.cell, str(g.dropped) if g.dropped else "",
-                      s.cell)
+        table.add_row(sample.name, sample.corpus, sample.dialect, g.cell,
+                      str(g.dropped) if g.dropped else "", s.cell)
 
     def total(results: list[Outcome]) -> str:
         n = sum(o.count for o in results if o.count is not None)
-        errors = sum(o.error is not None for o in results)
-        return f"{n}" + (f" ({errors} errors)" if errors else "")
+        errors = sum(o.error is not None and o.error != "no sv.VLM" for o in results)
+        unread = sum(o.error == "no sv.VLM" for o in results)
+        return f"{n}" + (f" ({errors} errors)" if errors else "") + (
+            f" ({unread} unsupported)" if unread else "")
 
     def nonzero(results: list[Outcome]) -> int:
         return sum(bool(o.count) for o in results)
 
-    g_all = [g for _, g, _ in outcomes]
-    s_all = [s for _, _, s in outcomes]
     table.add_section()
-    table.add_row("TOTAL objects", "", total(g_all), str(sum(o.dropped for o in g_all)),
-                  total(s_all), style="bold")
-    table.add_row("texts with >= 1 object", "", f"{nonzero(g_all)}/{len(samples)}", "",
-                  f"{nonzero(s_all)}/{len(samples)}", style="bold")
+    for corpus in ("issue 14", "issue 15", None):
+        part = [(g, s) for smp, g, s in outcomes if corpus in (None, smp.corpus)]
+        g_all = [g for g, _ in part]
+        s_all = [s for _, s in part]
+        name = corpus or "both"
+        table.add_row(f"TOTAL objects ({name})", "", "", total(g_all),
+                      str(sum(o.dropped for o in g_all)), total(s_all), style="bold")
+        table.add_row(f"texts with >= 1 object ({name})", "", "",
+                      f"{nonzero(g_all)}/{len(part)}", "", f"{nonzero(s_all)}/{len(part)}",
+                      style="bold")
     console.print(table)
 
     # ---- throughput -----------------------------------------------------------------
     accepted = [(smp, g, s) for smp, g, s in outcomes if s.error is None and s.count]
     subsets = [("sv-accepted", accepted)]
     subsets.append(("all", [(smp, g, s) for smp, g, s in outcomes
-                                  if g.error is None and s.error is None]))
+                            if g.error is None and s.error is None]))
 
     mode = (f"{args.repeat} passes per round" if args.repeat is not None
             else f"~{args.seconds:g} s per round")
@@ -435,8 +474,9 @@ def main(argv: list[str] | None = None) -> int:
                   "in the same round, on the same texts (>1: grounding is faster).")
     console.print("sv-accepted = texts on which supervision raises nothing and recovers at least "
                   "one object: " + ", ".join(smp.name for smp, _, _ in accepted) + ".")
-    console.print("all = every text neither tool raised on (each tool's own objects/s; for "
-                  "context only, the tools do different work on the texts supervision rejects).")
+    console.print("all = every text neither tool raised on, of the families supervision "
+                  "reads (each tool's own objects/s; for context only, the tools do different "
+                  "work on the texts supervision rejects).")
     if args.profile and accepted:
         stage_profile([smp for smp, _, _ in accepted], frame, args.seconds, args.rounds,
                       console)

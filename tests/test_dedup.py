@@ -136,6 +136,10 @@ def test_parse_command_dedups_and_says_how_many(tmp_path):
     assert len(record["detections"]) == 4
     record = json.loads(runner.invoke(app, [*args, "--dedup-iou", "1"]).stdout)
     assert len(record["detections"]) == 3  # only the identical one went
+    for contradiction in (["--no-dedup", "--dedup-iou", "0.5"],
+                          ["--no-dedup", "--dedup-agnostic"]):
+        out = runner.invoke(app, [*args, *contradiction])
+        assert out.exit_code == 2 and "give one or the other" in " ".join(out.output.split())
     bad = runner.invoke(app, [*args, "--dedup-iou", "1.5"])
     assert bad.exit_code == 2 and "--dedup-iou" in bad.output
 

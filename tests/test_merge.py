@@ -194,27 +194,30 @@ def test_points_of_every_run_are_kept_identical_ones_collapsed(tmp_path):
 
 
 def test_images_not_done_in_every_run_go_to_errors(tmp_path):
-    images = make_images(tmp_path / "images", ["a.png", "b.png", "c.png", "d.png"])
+    images = make_images(tmp_path / "images", ["a.png", "b.png", "c.png", "d.png", "e.png"])
     a = make_run(tmp_path / "A", images, {"a.png": [box([10, 10, 50, 50])],
                                           "b.png": [box([10, 10, 50, 50])],
-                                          "d.png": []})
+                                          "d.png": []},
+                 failed={"e.png": "cannot load image e.png: truncated"})
     b = make_run(tmp_path / "B", images, {"a.png": [box([10, 10, 50, 50])],
                                           "c.png": [box([10, 10, 50, 50])]},
-                 failed={"b.png": "cannot load image b.png: truncated"})
+                 failed={"b.png": "cannot load image b.png: truncated",
+                         "e.png": "cannot load image e.png: truncated"})
     out = tmp_path / "out"
     result = cli("merge", a, b, "--out", out, "--method", "nms")
     assert result.exit_code == 1, result.output
-    assert "3 images were not merged" in result.stderr
+    assert "4 images were not merged" in result.stderr
     summary = json.loads(result.stdout)
-    assert summary["images"] == 1 and summary["errors"] == 3
+    assert summary["images"] == 1 and summary["errors"] == 4
     assert list(merged(out)) == ["a.png"]
     errors = {e["image"]: e for e in read_jsonl(out / "errors.jsonl")}
-    assert set(errors) == {"b.png", "c.png", "d.png"}
+    assert set(errors) == {"b.png", "c.png", "d.png", "e.png"}
+    assert errors["e.png"]["missing_in"] == [0, 1]  # failed in every run: still said
     assert errors["b.png"]["missing_in"] == [1]
     assert "failed: cannot load image b.png: truncated" in errors["b.png"]["error"]
     assert str(b) in errors["b.png"]["error"]
     assert errors["c.png"]["missing_in"] == [0] and "not labelled" in errors["c.png"]["error"]
-    assert json.loads((out / "summary.json").read_text())["errors"] == 3
+    assert json.loads((out / "summary.json").read_text())["errors"] == 4
 
 
 def test_an_image_whose_size_differs_between_runs_is_not_merged(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 
 from grounding import parse, result_from_text
 from tests.real_outputs import all_names, raw_text
+from tests.test_parse_wild import WILD
 
 
 def _fenced_literal(text: str) -> list[dict]:
@@ -43,7 +44,7 @@ def test_every_fixture_is_covered():
         "qwen3vl_omni_anime_nested_names_MALFORMED.txt",
         "qwen3vl_spatial_point_free_space.txt",
         "qwen3vl_think_with_images_zoom_tool_call.txt",
-    }
+    } | set(WILD)  # the answers of issue 15, in tests/test_parse_wild.py
     assert set(all_names()) == covered
 
 

@@ -68,6 +68,10 @@ def test_a_prompt_of_ones_own_takes_each_class_in_its_placeholder():
         Query.make(["cat"], "Find cats.", per_class=True)
     with pytest.raises(ValueError, match="need classes"):
         Query.make(None, "the red car", per_class=True)
+    # Asked together, {class} takes every class.
+    backend.sent.clear()
+    Detector(backend).detect(image, ["cat", "dog"], prompt="Where is every {class}?")
+    assert [r.prompt for r in backend.sent] == ["Where is every cat, dog?"]
     # A one-reference dialect with a prompt of one's own and no {class}: one request.
     assert not Query.make(["cat", "dog"], "Find pets.").asks_per_class("qwen2-vl")
 

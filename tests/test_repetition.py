@@ -105,7 +105,7 @@ def test_k_copies_are_needed():
         found = repeating_tail(qwen_answer([line] * 4, closed))
         assert found is not None and found.copies == 4  # closed after its loop: still flagged
     assert repeating_tail(qwen_answer([line] * 40), repeats=0) is None
-    with pytest.raises(ValueError, match="0 \\(off\\) or at least 2"):
+    with pytest.raises(ValueError, match="at least 2"):
         repeating_tail("x", repeats=1)
 
 
@@ -132,14 +132,28 @@ def test_text_without_digits_and_short_runs_are_not_objects():
     assert found is not None and found.unit % 3 == 0 and found.unit >= DEFAULT_MIN_UNIT_CHARS
 
 
+# The two real answers that are runaway loops: a stripped Qwen2-VL box repeated until the
+# token limit, and a DeepSeek-VL2 det run degenerating into a run of 9s.
+REAL_LOOPS = {"qwen2vl_stripped_tokens_repeated_box_cutoff.txt",
+              "deepseekvl2_role_prefix_unclosed_det_9999_loop.txt"}
+
+
 @pytest.mark.parametrize("name", all_names())
 def test_no_real_answer_is_flagged(name):
     """The real answers of tests/fixtures/real_outputs: never flagged, and no prefix of
     them is either, with characters standing in for tokens (finer than any tokenizer, so
-    at least as quick to see a loop)."""
+    at least as quick to see a loop) -- except the two real loops, which are."""
     text = raw_text(name)
-    assert repeating_tail(text) is None
     ids = [ord(c) for c in text]
+    if name in REAL_LOOPS:
+        # The stripped box "(877,629),(904,653)" is 19 characters, one short of the text
+        # rule's DEFAULT_MIN_UNIT_CHARS: only the token rule (finer units) sees that loop.
+        short_unit = name.startswith("qwen2vl_")
+        assert (repeating_tail(text) is None) == short_unit
+        assert repeating_ids(ids, min_unit=DEFAULT_MIN_UNIT_TOKENS, max_unit=None,
+                             digits=ORD_DIGITS)
+        return
+    assert repeating_tail(text) is None
     flagged = [n for n in range(1, len(ids) + 1)
                if repeating_ids(ids[:n], min_unit=DEFAULT_MIN_UNIT_TOKENS, max_unit=None,
                                 digits=ORD_DIGITS)]
@@ -398,10 +412,11 @@ def test_one_default_for_the_setting():
     assert field.metadata["cli"] == "backend" and field.metadata["min"] == 0
 
 
-@pytest.mark.parametrize("value", [1, -1])
-def test_a_single_copy_is_refused(value):
-    with pytest.raises(ValueError, match="stop_repeats must be 0"):
+@pytest.mark.parametrize("value", [1, 2, -1])
+def test_one_copy_or_a_duplicate_is_no_loop(value):
+    """1 copy is no repetition; 2 identical lines are a duplicate real answers write."""
+    with pytest.raises(ValueError, match=r"stop-repeats must be 0 .off. or at least 3"):
         OpenAIBackend("m", base_url="http://127.0.0.1:9/v1", dialect="qwen2.5-vl",
                       stop_repeats=value)
-    with pytest.raises(ValueError, match="stop_repeats must be 0"):
+    with pytest.raises(ValueError, match=r"stop-repeats must be 0 .off. or at least 3"):
         LocalBackend(str(tiny_checkpoint("qwen2.5-vl")), stop_repeats=value)

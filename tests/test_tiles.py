@@ -55,9 +55,10 @@ def test_a_malformed_grid_is_one_line(text):
     assert out.exit_code == 2 and "--tiles" in out.output
 
 
-def test_tiles_with_full_needs_tiles():
-    out = CliRunner().invoke(app, ["detect", "x.jpg", "--classes", "a", "--tiles-with-full"])
-    assert out.exit_code == 2 and "--tiles-with-full needs --tiles" in " ".join(out.output.split())
+@pytest.mark.parametrize("flags", [["--tiles-with-full"], ["--tile-overlap", "0.3"]])
+def test_tile_settings_need_tiles(flags):
+    out = CliRunner().invoke(app, ["detect", "x.jpg", "--classes", "a", *flags])
+    assert out.exit_code == 2 and f"{flags[0]} needs --tiles" in " ".join(out.output.split())
 
 
 def test_pieces_cut_by_a_border_are_one_object_and_neighbours_stay_two():
@@ -170,3 +171,14 @@ def test_label_records_the_tiling_and_another_tiling_is_another_run(tmp_path):
     assert again.exit_code == 2 and "tiles: '3x3' -> '2x2'" in again.output
     record = json.loads((run / "predictions.jsonl").read_text())
     assert len(record["requests"]) == 9 and len(record["detections"]) == 1
+
+
+def test_auto_tiles_know_a_budget_for_every_dialect():
+    """DeepSeek-VL2 is sent images as they are: auto still tiles a large one."""
+    from grounding.pipeline.parts import UNKNOWN_BUDGET, budget
+    from grounding.testing import StaticBackend
+
+    assert budget(StaticBackend("deepseek-vl2"), (3000, 2000)) == UNKNOWN_BUDGET
+    assert budget(StaticBackend("qwen-vl"), (3000, 2000)) == 448 * 448
+    assert len(Tiling().tiles((3000, 2000), budget(StaticBackend("deepseek-vl2"),
+                                                       (3000, 2000)))) > 1

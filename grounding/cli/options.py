@@ -126,11 +126,11 @@ System = Annotated[str | None, typer.Option(help="System prompt.")]
 MaxNewTokens = option_type(BackendOptions, "max_new_tokens")
 JsonSchema = option_type(RemoteOptions, "json_schema")
 
-DedupIou = Annotated[float, typer.Option(
+DedupIou = Annotated[float | None, typer.Option(
     min=0.0, max=1.0, help="Same-class boxes overlapping above this IoU are one object written "
                            "twice: the best scored (else the first written) is kept, the "
-                           "others counted in dropped.duplicate; 1.0 removes only identical "
-                           "boxes.")]
+                           f"others counted in dropped.duplicate; 1.0 removes only identical "
+                           f"boxes. Default {DEFAULT_DEDUP_IOU}.")]
 NoDedup = Annotated[bool, flag("--no-dedup", help="Keep duplicate boxes and points.")]
 DedupAgnostic = Annotated[bool, flag(
     "--dedup-agnostic", help="Boxes of different classes can be duplicates too.")]
@@ -142,6 +142,18 @@ PointKey = Annotated[str | None, typer.Option(
     help="With a prompt of your own: the key your answers hold each point under.")]
 LabelKey = Annotated[str | None, typer.Option(
     help="With a prompt of your own: the key your answers hold each label under.")]
+
+
+def dedup_iou(dedup_iou: float | None, no_dedup: bool, dedup_agnostic: bool) -> float | None:
+    """The dedup threshold of --dedup-iou / --no-dedup (None: off); typer.BadParameter
+    when --no-dedup comes with a setting of what it turns off."""
+    if no_dedup and (dedup_iou is not None or dedup_agnostic):
+        raise typer.BadParameter("--no-dedup turns duplicate removal off; --dedup-iou and "
+                                 "--dedup-agnostic say how to do it: give one or the other",
+                                 param_hint="--no-dedup")
+    if no_dedup:
+        return None
+    return DEFAULT_DEDUP_IOU if dedup_iou is None else dedup_iou
 
 
 def keys(box_key: str | None, point_key: str | None, label_key: str | None):
@@ -178,7 +190,7 @@ class DetectionOptions:
     verify_threshold: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="--verify: drop boxes with P(yes) / (P(yes) + P(no)) below "
                                "this.")] = 0.5
-    dedup_iou: DedupIou = DEFAULT_DEDUP_IOU
+    dedup_iou: DedupIou = None
     no_dedup: NoDedup = False
     dedup_agnostic: DedupAgnostic = False
     per_class: Annotated[bool | None, typer.Option(
@@ -190,9 +202,9 @@ class DetectionOptions:
         metavar="auto|COLSxROWS",
         help="Ask about overlapping tiles of each image (small objects in large images); "
              "auto: the fewest tiles the model sees at full resolution.")] = None
-    tile_overlap: Annotated[float, typer.Option(
-        min=0.0, max=0.9, help="--tiles: the share of a tile its neighbour also "
-                               "sees.")] = DEFAULT_TILE_OVERLAP
+    tile_overlap: Annotated[float | None, typer.Option(
+        min=0.0, max=0.9, help="--tiles: the share of a tile its neighbour also sees "
+                               f"(default {DEFAULT_TILE_OVERLAP}).")] = None
     tiles_with_full: Annotated[bool, flag(
         "--tiles-with-full", help="--tiles: also ask about the whole image, for objects "
                                   "larger than a tile.")] = False
@@ -201,7 +213,9 @@ class DetectionOptions:
     label_key: LabelKey = None
 
     def __post_init__(self) -> None:
-        self.tiling()  # a malformed --tiles fails before a model is loaded
+        # Malformed or contradictory options fail before a model is loaded.
+        self.tiling()
+        dedup_iou(self.dedup_iou, self.no_dedup, self.dedup_agnostic)
 
     def detector(self, engine):
         """The Detector running ``engine`` with these options."""
@@ -209,7 +223,8 @@ class DetectionOptions:
 
         return Detector(engine, batch_size=self.batch_size, min_score=self.min_score,
                         verify=self.verify, verify_threshold=self.verify_threshold,
-                        dedup_iou=None if self.no_dedup else self.dedup_iou,
+                        dedup_iou=dedup_iou(self.dedup_iou, self.no_dedup,
+                                            self.dedup_agnostic),
                         dedup_agnostic=self.dedup_agnostic)
 
     def tiling(self):
@@ -217,12 +232,14 @@ class DetectionOptions:
         from grounding.core.tiles import Tiling
 
         if self.tiles is None:
-            if self.tiles_with_full:
-                raise typer.BadParameter("--tiles-with-full needs --tiles",
-                                         param_hint="--tiles-with-full")
+            for given, name in ((self.tiles_with_full, "--tiles-with-full"),
+                                (self.tile_overlap is not None, "--tile-overlap")):
+                if given:
+                    raise typer.BadParameter(f"{name} needs --tiles", param_hint=name)
             return None
+        overlap = DEFAULT_TILE_OVERLAP if self.tile_overlap is None else self.tile_overlap
         try:
-            return Tiling.parse(self.tiles, self.tile_overlap, self.tiles_with_full)
+            return Tiling.parse(self.tiles, overlap, self.tiles_with_full)
         except ValueError as exc:
             raise typer.BadParameter(str(exc), param_hint="--tiles") from None
 

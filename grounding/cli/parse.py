@@ -46,7 +46,7 @@ def parse(
     max_pixels: Annotated[int | None, typer.Option(
         help="Pixel budget used to derive --input-size (default: the dialect's processor).")
     ] = None,
-    dedup_iou: opt.DedupIou = opt.DEFAULT_DEDUP_IOU,
+    dedup_iou: opt.DedupIou = None,
     no_dedup: opt.NoDedup = False,
     dedup_agnostic: opt.DedupAgnostic = False,
     box_key: opt.BoxKey = None,
@@ -86,7 +86,8 @@ def parse(
             text, d, image_size=image, input_size=frame,
             classes=ClassMap.parse(classes) if classes else None,
             image=None if file == "-" else file,
-            dedup_iou=None if no_dedup else dedup_iou, dedup_agnostic=dedup_agnostic,
+            dedup_iou=opt.dedup_iou(dedup_iou, no_dedup, dedup_agnostic),
+            dedup_agnostic=dedup_agnostic,
             keys=opt.keys(box_key, point_key, label_key),
         )
     except (GroundingError, ValueError) as exc:

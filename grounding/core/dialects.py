@@ -23,9 +23,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 from grounding.parsing import (
+    Keys,
     ParsedOutput,
     parse_deepseek_vl2,
     parse_qwen2_vl,
+    parse_qwen3_vl,
     parse_qwen_json,
     parse_qwen_vl,
 )
@@ -66,7 +68,7 @@ DIALECTS: dict[str, Dialect] = {
         Dialect("qwen2.5-vl", parse_qwen_json, "absolute", factor=28,
                 min_pixels=4 * 28 * 28, max_pixels=16384 * 28 * 28,
                 budget=(256 * 28 * 28, 1280 * 28 * 28)),
-        Dialect("qwen3-vl", parse_qwen_json, "relative", norm=1000, factor=32,
+        Dialect("qwen3-vl", parse_qwen3_vl, "relative", norm=1000, factor=32,
                 min_pixels=64 * 32 * 32, max_pixels=16384 * 32 * 32,
                 budget=(64 * 32 * 32, 9800 * 32 * 32)),
         # Qwen2-VL, Qwen-VL and DeepSeek-VL2 ground what their reference tokens wrap:
@@ -121,6 +123,7 @@ def guess_dialect(model: str) -> Dialect | None:
     return None
 
 
-def parse(text: str, dialect: str | Dialect) -> ParsedOutput:
-    """Read every box and point out of a model answer, in the model's frame."""
-    return get_dialect(dialect).parse(text)
+def parse(text: str, dialect: str | Dialect, keys: Keys | None = None) -> ParsedOutput:
+    """Read every box and point out of a model answer, in the model's frame (``keys``:
+    the JSON keys a user's prompt imposed; None lets the parser's rule find them)."""
+    return get_dialect(dialect).parse(text, keys)

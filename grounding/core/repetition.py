@@ -131,14 +131,17 @@ def repeating_ids(ids: Sequence[int] | Any, *, repeats: int = DEFAULT_REPEATS,
 
 
 def check_repeats(repeats: int) -> None:
-    """ValueError unless ``repeats`` (``stop_repeats``) is 0 (off) or at least 2 (one copy
-    is no repetition)."""
-    if repeats < 0 or repeats == 1:
-        raise ValueError(f"stop_repeats must be 0 (off) or at least 2, not {repeats}")
+    """ValueError unless ``repeats`` (the ``--stop-repeats`` setting) is 0 (off) or at
+    least 3: one copy is no repetition, and two identical object lines are a duplicate
+    that real answers write (dedup removes it), not a loop to stop."""
+    if repeats < 0 or repeats in (1, 2):
+        raise ValueError(f"--stop-repeats must be 0 (off) or at least 3, not {repeats}: "
+                         "two identical object lines are a duplicate, not a loop")
 
 
 def _check(repeats: int, min_unit: int) -> None:
-    check_repeats(repeats)
+    if repeats < 0 or repeats == 1:  # 0: off
+        raise ValueError(f"repeats must be 0 (off) or at least 2, not {repeats}")
     if min_unit < 1:
         raise ValueError(f"min_unit must be at least 1, not {min_unit}")
 

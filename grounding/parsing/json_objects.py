@@ -10,6 +10,12 @@ its own (strict JSON first, then Python-literal syntax for single quotes, traili
 and ``True``/``None``) and, when a candidate does not parse (a stray ``{`` in the middle,
 say), descends to the next brace instead of giving up, so every well-formed object after
 the damage is still recovered.
+
+Which values of an object are coordinates, label and attributes: grounding.parsing.fields.
+Keys that repeat inside one object are kept pair by pair (``object_pairs_hook``) and read
+as one object per group. The one exception to "only closed objects": an object cut off at
+the end of the answer whose keys repeat (a list written as one object) gives its complete
+groups, all but the last, which the cut may have shortened; the answer is flagged truncated.
 """
 
 from __future__ import annotations
@@ -17,24 +23,65 @@ from __future__ import annotations
 import ast
 import json
 import re
-from collections.abc import Iterator
 from typing import Any
 
-from grounding.parsing.fields import COORD_KEYS, InvalidObject, object_from_dict
-from grounding.parsing.types import ParsedOutput, RawObject
+from grounding.parsing.fields import RepeatedKeys, groups, object_pairs, objects_from_dict
+from grounding.parsing.types import Keys, ParsedOutput, RawObject
 
 _VALUE_START = "{[,:"
 _SIGNIFICANT = re.compile(r"[{}\[\]\"'\\\n]")
 _LITERALS = {"true": True, "false": False, "null": None, "none": None}
 _DECODER = json.JSONDecoder()
+_PAIRS_DECODER = json.JSONDecoder(object_pairs_hook=object_pairs)
 
 
-def parse_json_objects(text: str) -> ParsedOutput:
-    fast = _parse_whole(text)
+def _decode(text: str, start: int) -> tuple[Any, int]:
+    """``raw_decode`` that keeps repeated keys (RepeatedKeys). The hook that keeps every
+    pair costs a Python call per object, so the text is decoded plainly first and again
+    with the hook only when its dicts hold fewer entries than the text has ``":`` (a key
+    repeated, or a ``":`` inside a string: the second decode settles it)."""
+    value, end = _DECODER.raw_decode(text, start)
+    written = text.count('":', start, end)
+    if written and _entries(value) != written:
+        value, end = _PAIRS_DECODER.raw_decode(text, start)
+    return value, end
+
+
+def _entries(value: Any) -> int:
+    """Key-value pairs in all the dicts of a decoded value."""
+    if type(value) is list:
+        if all(type(v) is dict for v in value):  # a list of flat objects: the usual answer
+            n = 0
+            for v in value:
+                n += len(v)
+                if any(type(x) is dict or (type(x) is list and x and type(x[0]) is not int
+                       and type(x[0]) is not float) for x in v.values()):
+                    n += sum(_entries(x) for x in v.values())
+            return n
+        return sum(_entries(v) for v in value)
+    if type(value) is dict:
+        return len(value) + sum(_entries(v) for v in value.values()
+                                if type(v) is dict or type(v) is list)
+    return 0
+
+
+def parse_json_objects(text: str, keys: Keys | None = None) -> ParsedOutput:
+    return json_objects_with_spans(text, keys)[0]
+
+
+Span = tuple[int, int]
+
+
+def json_objects_with_spans(text: str, keys: Keys | None = None
+                            ) -> tuple[ParsedOutput, list[Span]]:
+    """The objects, and the spans of text the JSON values that gave them cover (so that
+    another syntax does not read the same span twice)."""
+    fast = _parse_whole(text, keys)
     if fast is not None:
         return fast
-    matches, truncated = _match_braces(text)
+    matches, truncated, unclosed = _match_braces(text)
     objects: list[RawObject] = []
+    spans: list[Span] = []
     invalid = 0
     resume = 0
     for start in sorted(matches):
@@ -44,19 +91,90 @@ def parse_json_objects(text: str) -> ParsedOutput:
         value = load_lenient(text[start : end + 1])
         if value is None:
             continue
-        found = list(_grounding_dicts(value))
-        if not found:
+        found, bad, any_coords = _read(value, start, keys)
+        if not any_coords:
             continue
-        for obj in found:
-            try:
-                objects.append(object_from_dict(obj, start=start))
-            except InvalidObject:
-                invalid += 1
+        objects.extend(found)
+        invalid += bad
+        spans.append((start, end + 1))
         resume = end + 1
-    return ParsedOutput(objects=tuple(objects), truncated=truncated, invalid=invalid)
+    for start in unclosed:
+        if start >= resume:
+            found = _cut_repeated(text, start, keys)
+            if found:
+                objects.extend(found)
+                spans.append((start, len(text)))
+                resume = len(text)
+    return ParsedOutput(objects=tuple(objects), truncated=truncated, invalid=invalid), spans
 
 
-def _parse_whole(text: str) -> ParsedOutput | None:
+def _read(value: Any, start: int, keys: Keys | None) -> tuple[list[RawObject], int, bool]:
+    """Objects in a parsed value at any depth: a dict with coordinates is an object (or
+    several) and is not searched further; any other dict or list is searched."""
+    objects: list[RawObject] = []
+    invalid = 0
+    any_coords = False
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, dict):
+            found = objects_from_dict(v, start, keys)
+            if found is None:
+                stack.extend(reversed(v.values()))
+            else:
+                any_coords = True
+                objects.extend(found[0])
+                invalid += found[1]
+        elif isinstance(v, list):
+            stack.extend(reversed(v))
+    return objects, invalid, any_coords
+
+
+def _cut_repeated(text: str, start: int, keys: Keys | None) -> list[RawObject]:
+    """The complete groups of an object cut off at the end whose keys repeat."""
+    body = text[start:]
+    # Close the object after its last complete pair: before the last top-level comma.
+    for cut in _top_level_commas(body)[::-1]:
+        value = load_lenient(body[:cut] + "}")
+        if isinstance(value, dict):
+            pairs = value.pairs if type(value) is RepeatedKeys else list(value.items())
+            complete = groups(pairs)[:-1]  # the last group may be missing fields
+            if not complete:
+                return []
+            objects: list[RawObject] = []
+            for group in complete:
+                found = objects_from_dict(group, start, keys)
+                if found is not None:
+                    objects.extend(found[0])
+            return objects
+    return []
+
+
+def _top_level_commas(body: str) -> list[int]:
+    depth = 0
+    quote: str | None = None
+    escaped = False
+    out = []
+    for i, c in enumerate(body):
+        if quote is not None:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == quote:
+                quote = None
+        elif c in "\"'":
+            quote = c
+        elif c in "{[":
+            depth += 1
+        elif c in "}]":
+            depth -= 1
+        elif c == "," and depth == 1:
+            out.append(i)
+    return out
+
+
+def _parse_whole(text: str, keys: Keys | None) -> tuple[ParsedOutput, list[Span]] | None:
     """The common case, one well-formed JSON value (fenced or not): one ``json.loads``."""
     bracket, brace = text.find("["), text.find("{")
     first = bracket if brace < 0 or 0 <= bracket < brace else brace  # -1: neither
@@ -66,25 +184,37 @@ def _parse_whole(text: str) -> ParsedOutput | None:
     try:
         # json.loads(text[first : last + 1]) without the copy and the wrapper: the value
         # must start at `first` and end exactly at `last`.
-        value, end = _DECODER.raw_decode(text, first)
+        value, end = _decode(text, first)
     except (json.JSONDecodeError, RecursionError):
         return None
     if end != last + 1:
         return None
-    objects: list[RawObject] = []
-    invalid = 0
-    for obj in _grounding_dicts(value):
-        try:
-            objects.append(object_from_dict(obj, first))
-        except InvalidObject:
-            invalid += 1
-    return ParsedOutput(tuple(objects), False, invalid) if objects or invalid else None
+    if type(value) is list and keys is None:  # the usual answer, a list of objects
+        objects: list[RawObject] = []
+        invalid = 0
+        for item in value:
+            found = objects_from_dict(item, first) if type(item) is dict else None
+            if found is None:
+                more, bad, _ = _read(item, first, keys)
+                objects.extend(more)
+                invalid += bad
+            else:
+                objects.extend(found[0])
+                invalid += found[1]
+    else:
+        objects, invalid, _ = _read(value, first, keys)
+    if not objects and not invalid:
+        return None
+    return ParsedOutput(tuple(objects), False, invalid), [(first, last + 1)]
 
 
 def load_lenient(candidate: str) -> Any | None:
     """Parse one JSON-ish value: strict JSON, then Python-literal syntax; None if neither."""
+    stripped = candidate.strip()
     try:
-        return json.loads(candidate)
+        value, end = _decode(stripped, 0)
+        if end == len(stripped):
+            return value
     except (json.JSONDecodeError, RecursionError):
         pass
     try:
@@ -105,7 +235,8 @@ def _literal(node: ast.AST) -> Any:
     if isinstance(node, ast.Dict):
         if any(k is None for k in node.keys):
             raise ValueError("dict unpacking")
-        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values, strict=True)}
+        return object_pairs([(_literal(k), _literal(v))
+                             for k, v in zip(node.keys, node.values, strict=True)])
     if isinstance(node, ast.List | ast.Tuple):
         return [_literal(e) for e in node.elts]
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
@@ -115,30 +246,14 @@ def _literal(node: ast.AST) -> Any:
     raise ValueError(type(node).__name__)
 
 
-def _grounding_dicts(value: Any) -> Iterator[dict]:
-    """Dicts with a coordinate key, found at any depth; a match is not searched further."""
-    if isinstance(value, dict):
-        if not COORD_KEYS.isdisjoint(value):  # only a str key can equal a coordinate key
-            yield value
-            return
-        for v in value.values():
-            yield from _grounding_dicts(v)
-    elif isinstance(value, list):
-        for v in value:
-            if type(v) is dict and not COORD_KEYS.isdisjoint(v):
-                yield v  # the usual answer, a list of objects: no generator per item
-            else:
-                yield from _grounding_dicts(v)
-
-
-def _match_braces(text: str) -> tuple[dict[int, int], bool]:
+def _match_braces(text: str) -> tuple[dict[int, int], bool, list[int]]:
     """Map each ``{`` to its matching ``}`` in one pass; report whether the text is cut off.
 
     Quotes open a string only where JSON allows a value or key to start (after ``{[,:``),
     so apostrophes and inch marks in surrounding prose do not hide the JSON that follows;
     a string never runs past a newline. Brackets are tracked with one stack so a closing
     ``]`` discards stray unclosed ``{`` inside it; anything still open at the end of the
-    text means the model was cut off.
+    text means the model was cut off (the ``{`` still open are returned).
     """
     matches: dict[int, int] = {}
     stack: list[tuple[str, int]] = []
@@ -170,7 +285,7 @@ def _match_braces(text: str) -> tuple[dict[int, int], bool]:
                 if opener == "{":
                     matches[start] = i
     truncated = bool(stack) or quote is not None
-    return matches, truncated
+    return matches, truncated, [i for c, i in stack if c == "{"]
 
 
 def _opens_value(text: str, i: int) -> bool:

@@ -29,20 +29,33 @@ QWEN2_VL = RefSyntax(
 DEEPSEEK_VL2 = RefSyntax(ref=("<|ref|>", "<|/ref|>"), box=("<|det|>", "<|/det|>"))
 
 # What a Qwen2-VL answer looks like once a server decoded it with skip_special_tokens:
-# "the cat(100,200),(300,400)". Only used when no box token is present at all.
+# "the cat(100,200),(300,400)". Only read when no other syntax found anything.
 _BARE_BOX = re.compile(
     r"(?P<label>[^()\n.:;]*?)\s*\(\s*(?P<a>[-\d.]+)\s*,\s*(?P<b>[-\d.]+)\s*\)\s*,\s*"
     r"\(\s*(?P<c>[-\d.]+)\s*,\s*(?P<d>[-\d.]+)\s*\)"
 )
+_QUOTES = {'"': '"', "'": "'", "\u201c": "\u201d", "\u2018": "\u2019", "\u300c": "\u300d"}
+
+
+def clean_label(text: str) -> str | None:
+    """A reference phrase as a person reads it: without the spaces around it (Qwen-VL
+    writes ``<ref> Woman</ref>``) and without quotes wrapping all of it (``"击掌"``)."""
+    text = text.strip()
+    if len(text) >= 2 and _QUOTES.get(text[0]) == text[-1]:
+        text = text[1:-1].strip()
+    return text or None
 
 
 def _compile(syntax: RefSyntax) -> re.Pattern[str]:
+    # A run's content never holds "<": an opening token left unterminated therefore ends
+    # its run where the next token starts, and never swallows the next well-formed run.
+    ref_open, ref_close = map(re.escape, syntax.ref)
     parts = [
-        f"{re.escape(syntax.ref[0])}(?P<ref>.*?){re.escape(syntax.ref[1])}",
-        f"{re.escape(syntax.box[0])}(?P<box>.*?){re.escape(syntax.box[1])}",
+        f"{ref_open}(?P<ref>(?:(?!{ref_open}|{re.escape(syntax.box[0])}).)*?){ref_close}",
+        f"{re.escape(syntax.box[0])}(?P<box>[^<]*){re.escape(syntax.box[1])}",
     ]
     if syntax.quad:
-        parts.append(f"{re.escape(syntax.quad[0])}(?P<quad>.*?){re.escape(syntax.quad[1])}")
+        parts.append(f"{re.escape(syntax.quad[0])}(?P<quad>[^<]*){re.escape(syntax.quad[1])}")
     return re.compile("|".join(parts), re.S)
 
 
@@ -54,16 +67,27 @@ def parse_refs(text: str, syntax: RefSyntax, *, bare_fallback: bool = False) -> 
 
     A box span holding several groups of four numbers (DeepSeek-VL2's ``[[..],[..]]``) is
     several boxes; two numbers make a point; a quad (eight numbers) becomes its enclosing
-    box with the quad kept in ``attributes["quad"]``.
+    box with the quad kept in ``attributes["quad"]``; any other count is ``invalid``.
+
+    Broken runs: an opening token with no closing token before the next token is dropped
+    (never completed): counted ``invalid``, or ``truncated`` when it is the end of the
+    text. A reference with no box after it (an echoed prompt) labels nothing; role
+    prefixes and end tokens (``<|Assistant|>:``, ``<|im_end|>``, ``<|endoftext|>``,
+    ``<｜end▁of▁sentence｜>``) are not runs and are ignored.
     """
+    if syntax.box[0] not in text and syntax.ref[0] not in text and (
+            syntax.quad is None or syntax.quad[0] not in text):
+        return parse_bare(text) if bare_fallback else ParsedOutput()
     pattern = _PATTERNS.setdefault(syntax, _compile(syntax))
     objects: list[RawObject] = []
     invalid = 0
     label: str | None = None
+    runs = 0
     for m in pattern.finditer(text):
         if m.group("ref") is not None:
-            label = m.group("ref").strip() or None
+            label = clean_label(m.group("ref"))
             continue
+        runs += 1
         quad = m.groupdict().get("quad")
         values = [float(n) for n in NUMBER.findall(m.group("box") if quad is None else quad)]
         if quad is not None:
@@ -80,12 +104,28 @@ def parse_refs(text: str, syntax: RefSyntax, *, bare_fallback: bool = False) -> 
                            for i in range(0, len(values), 4))
         else:
             invalid += 1
-    if not objects and bare_fallback and syntax.box[0] not in text:
-        for m in _BARE_BOX.finditer(text):
-            coords = tuple(float(m.group(k)) for k in "abcd")
-            objects.append(RawObject("box", coords, m.group("label").strip() or None, {},
-                                     start=m.start()))
-    return ParsedOutput(tuple(objects), truncated=_cut_inside(text, syntax), invalid=invalid)
+    truncated = _cut_inside(text, syntax)
+    openers = text.count(syntax.box[0]) + (text.count(syntax.quad[0]) if syntax.quad else 0)
+    broken = openers - runs - (1 if truncated and _open_at_end(text, syntax) else 0)
+    return ParsedOutput(tuple(objects), truncated=truncated, invalid=invalid + max(broken, 0))
+
+
+def parse_bare(text: str) -> ParsedOutput:
+    """``label(x1,y1),(x2,y2)``: Qwen2-VL box tokens a server stripped; a box left open
+    at the end of the text (``(877,629),(904,653``) is dropped and flagged truncated."""
+    if "(" not in text or "<|box_start|>" in text or "<box>" in text:
+        return ParsedOutput()  # box tokens present: the token reader decides, not this
+    objects = [RawObject("box", tuple(float(m.group(k)) for k in "abcd"),
+                         clean_label(m.group("label")), {}, start=m.start())
+               for m in _BARE_BOX.finditer(text)]
+    truncated = bool(objects) and text.rfind("(") > text.rfind(")")
+    return ParsedOutput(tuple(objects), truncated=truncated)
+
+
+def _open_at_end(text: str, syntax: RefSyntax) -> bool:
+    """The last box (or quad) opener has no closer after it: the cut-off run."""
+    pairs = [syntax.box, *([syntax.quad] if syntax.quad else [])]
+    return any(text.rfind(open_) > text.rfind(close) for open_, close in pairs)
 
 
 def _cut_inside(text: str, syntax: RefSyntax) -> bool:

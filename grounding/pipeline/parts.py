@@ -39,13 +39,21 @@ class Part:
         return ", ".join(x for x in (where, what) if x)
 
 
+UNKNOWN_BUDGET = 1280 * 28 * 28
+"""The pixels a tile gets when the model's own budget is unknown (DeepSeek-VL2 without
+--max-pixels: it is sent the image as it is): Qwen2/2.5-VL's default budget, about 1 MP."""
+
+
 def budget(backend: Backend, size: Size) -> int:
     """The most pixels ``backend`` shows the model at once: its ``max_pixels``, else the
-    frame it gives an image of ``size``."""
+    frame it gives an image of ``size`` (Qwen-VL's 448x448), else UNKNOWN_BUDGET when the
+    image would be sent as it is."""
     limit = getattr(backend, "max_pixels", None)
     if limit:
         return int(limit)
     width, height = backend.frame(size)
+    if (width, height) == tuple(size):
+        return UNKNOWN_BUDGET
     return width * height
 
 
@@ -192,8 +200,15 @@ def fuse_tiles(result: Result) -> Result:
             xyxy = np.array([boxes[i].bbox for i in group])
             union = (*xyxy[:, :2].min(axis=0).tolist(), *xyxy[:, 2:].max(axis=0).tolist())
             attributes = {k: v for k, v in boxes[best].attributes.items() if k != "tile"}
-            attributes["tiles"] = [list(tiles[i]) for i in group]
-            kept.append((min(group), replace(boxes[best], bbox=union, attributes=attributes)))
+            views: dict[Tile, int] = {}
+            for i in group:
+                views.setdefault(tiles[i], i)
+            # Each tile once, in order; the whole image (--tiles-with-full) as null.
+            attributes["tiles"] = [None if boxes[i].attributes.get("tile") is None
+                                   else list(t) for t, i in views.items()]
+            # The union was written by no one: no model coordinates to show for it.
+            kept.append((min(group), replace(boxes[best], bbox=union, attributes=attributes,
+                                             model_bbox=None)))
             seen_by = len({tiles[i] for i in group})
             fused += seen_by - 1  # one piece per tile; more from one tile: written twice
             duplicates += len(group) - seen_by

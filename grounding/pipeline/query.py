@@ -93,11 +93,13 @@ class Query:
             not self.prompt or CLASS_FIELD in self.prompt)
 
     def text(self, dialect) -> str:
-        """The prompt sent when the classes are asked for together: the user's own,
-        else the dialect's built-in one (which, with reference images, says which image
+        """The prompt sent when the classes are asked for together: the user's own (its
+        ``{class}`` replaced by the class phrases, comma-separated), else the dialect's
+        built-in one (which, with reference images, says which image
         to answer about)."""
         if self.prompt and self.classes is not None:
-            return self.prompt
+            # {class} takes every class when they are asked for together.
+            return self.prompt.replace(CLASS_FIELD, ", ".join(self.classes.prompt_phrases))
         if self.classes is not None:
             text = class_prompt(dialect, self.classes.prompt_phrases, self.task)
         else:

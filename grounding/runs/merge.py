@@ -87,7 +87,8 @@ al., 2021); it sits below duplicate removal's 0.7 because boxes that different p
 budgets or models draw around one object differ more than one answer's duplicates do,
 and above the usual 0.5 so that two neighbours are less often taken for one."""
 
-INSTALL_ENSEMBLE = 'pip install "grounding[ensemble]"'
+INSTALL_ENSEMBLE = ('pip install "grounding[ensemble]" (from a source checkout: '
+                    "pip install -e '.[ensemble]')")
 MERGE_KEYS = ("images_dir", "classes", "method", "iou", "min_votes")
 """What a merge run's run.json must agree on (with the input paths) to be redone."""
 _FILES = ("predictions", "errors", "run_json", "summary_json")
@@ -153,13 +154,15 @@ def merge_runs(runs: Sequence[RunDir | str | Path], out: RunDir | str | Path, *,
     try:
         with tmp_predictions.open("w", encoding="utf-8") as predictions, \
                 tmp_errors.open("w", encoding="utf-8") as errors:
-            failures: list[dict[str, dict[str, Any]] | None] = [None] * n
-            for image in _all_images(indexes):
+            failures: list[dict[str, dict[str, Any]] | None] = [
+                r.failures(set(index)) for r, index in zip(inputs, indexes, strict=True)]
+            # An image every run failed on is in no predictions file: it is not merged
+            # either, and must be said so, not dropped.
+            images = dict.fromkeys(_all_images(indexes))
+            images.update(dict.fromkeys(i for f in failures for i in f or {}))
+            for image in images:
                 missing = [j for j in range(n) if image not in indexes[j]]
                 if missing:
-                    for j in missing:
-                        if failures[j] is None:
-                            failures[j] = inputs[j].failures(set(indexes[j]))
                     errors.write(json.dumps(_missing_entry(image, missing, inputs, failures,
                                                            stamp), ensure_ascii=False) + "\n")
                     continue

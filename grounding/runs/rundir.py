@@ -155,12 +155,14 @@ class RunDir:
             changed = [k for k in CONFIG_KEYS if before[k] != config.get(k)]
             if changed and not force:
                 details = "; ".join(f"{k}: {before[k]!r} -> {config.get(k)!r}" for k in changed)
+                older = [k for k in changed if k not in old]
+                hint = (f" ({', '.join(older)}: this run is from a grounding without them; "
+                        "--no-dedup --stop-repeats 0 give what it had)" if older else "")
                 raise RunConfigError(
                     f"{self.path} was labelled with another configuration ({details}). Run "
-                    "with the settings in its run.json to go on (a run from an older "
-                    "grounding: --no-dedup --stop-repeats 0), use a new --out directory, or "
-                    "--force to start this one over (the old predictions are kept as "
-                    "predictions.<time>.jsonl)."
+                    f"with the settings in its run.json to go on{hint}, use a new --out "
+                    "directory, or --force to start this one over (the old predictions are "
+                    "kept as predictions.<time>.jsonl)."
                 )
             if changed:
                 stamp = time.strftime("%Y%m%d-%H%M%S")
