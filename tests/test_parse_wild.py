@@ -265,3 +265,46 @@ def test_qwen_vl_labels_lose_spaces_and_wrapping_quotes():
         B("a cat", 1, 2, 3, 4)]
     assert got(parse('<ref>the "big" cat</ref><box>(1,2),(3,4)</box>', "qwen-vl")) == [
         B('the "big" cat', 1, 2, 3, 4)]
+
+
+def test_named_keys_reach_the_parser_from_every_command(tmp_path):
+    """--box-key / --label-key on parse, and through label into run.json and records."""
+    import json
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from grounding.cli import app
+    from grounding.testing.loopback import LoopbackServer, fixed_handler
+
+    answer = ('[{"what": "cup", "where": [10, 20, 110, 120], "area": [1, 2, 3, 4]},'
+              ' {"what": "plate", "where": [200, 200, 300, 260], "area": [5, 6, 7, 8]}]')
+    path = tmp_path / "answer.txt"
+    path.write_text(answer, encoding="utf-8")
+    runner = CliRunner()
+    guessed = json.loads(runner.invoke(app, ["parse", str(path), "-d", "qwen3-vl"]).stdout)
+    named = json.loads(runner.invoke(app, ["parse", str(path), "-d", "qwen3-vl", "--box-key",
+                                           "where", "--label-key", "what"]).stdout)
+    assert [d["model_bbox"] for d in named["detections"]] == [[10, 20, 110, 120],
+                                                             [200, 200, 300, 260]]
+    assert [d["label"] for d in named["detections"]] == ["cup", "plate"]
+    # Guessed: the only text field is the label; both 4-number lists are boxes.
+    assert [(d["label"], d["model_bbox"]) for d in guessed["detections"]] == [
+        ("cup", [10, 20, 110, 120]), ("cup", [1, 2, 3, 4]),
+        ("plate", [200, 200, 300, 260]), ("plate", [5, 6, 7, 8])]
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (400, 300), "gray").save(images / "a.png")
+    with LoopbackServer(handler=fixed_handler(answer)) as server:
+        out = runner.invoke(app, ["label", str(images), "--out", str(tmp_path / "run"),
+                                  "--classes", "cup,plate", "--backend", "openai",
+                                  "--base-url", server.base_url, "--model", "m",
+                                  "--dialect", "qwen3-vl", "--prompt", "Where are {class}?",
+                                  "--box-key", "where", "--label-key", "what"])
+    assert out.exit_code == 0, out.output
+    config = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert config["keys"] == {"box": "where", "label": "what"}
+    assert config["prompt"] == "Where are cup, plate?"
+    record = json.loads((tmp_path / "run" / "predictions.jsonl").read_text())
+    assert [(d["label"], d["class_id"]) for d in record["detections"]] == [("cup", 0),
+                                                                         ("plate", 1)]

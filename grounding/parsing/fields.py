@@ -20,9 +20,11 @@ so a prompt's own schema -- ``position``, ``coordinates``, ``result``, a tool ca
   outside the frame are judged by the dialect, which knows the frame
   (grounding.parsing.within_frame).
 * **Label.** The first :data:`LABEL_KEYS` key holding text, else any key whose name
-  contains ``name`` or ``label`` (``object_name``, ``label_fr``); with none, no label (a
-  tool call's ``action: "click"`` is not a name). When several label keys are present the
-  first in that order wins and the others stay attributes.
+  contains ``name`` or ``label`` (``object_name``, ``label_fr``), else the object's only
+  text field (``{"what": "cup", ...}``) unless it is one that says something else
+  (:data:`NOT_LABELS`: a tool call's ``action: "click"`` is not a name); with none, or
+  several other text fields, no label (``--label-key`` names it). When several label
+  keys are present the first in that order wins and the others stay attributes.
 * **Attributes.** Every other field, as written. A model-written ``confidence`` is an
   attribute, never the score (scores come from log-probabilities).
 * **Repeated keys.** A dict whose keys repeat (``{"name": "cup", "box": [..], "name":
@@ -63,6 +65,11 @@ LABEL_KEYS = (
     "phrase",
     "caption",
 )
+
+NOT_LABELS = frozenset(("action", "type", "thought", "thoughts", "reason", "reasoning",
+                        "explanation", "status", "id", "confidence", "language", "lang",
+                        "color", "colour"))
+"""Text fields that are never an object's label when they are its only text field."""
 
 NUMBER = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
 
@@ -129,6 +136,13 @@ def label_of(obj: Mapping[str, Any], key: str | None = None) -> tuple[str | None
             text = _text(value)
             if text:
                 return text, key
+    # The object's only text field, whatever the prompt called it (`{"what": "cup",
+    # "where": [...]}`); several, or only fields that say something else (an action,
+    # a thought), and no label is guessed: --label-key names it.
+    texts = [k for k, v in obj.items() if isinstance(v, str) and v.strip()
+             and not (type(k) is str and k.lower() in NOT_LABELS)]
+    if len(texts) == 1:
+        return obj[texts[0]].strip(), texts[0]
     return None, None
 
 
