@@ -101,20 +101,27 @@ class _Located:
         not finite becomes None, see :func:`finite_or_none`)."""
         where, written = self._where
         raw = getattr(self, written)
-        return {"label": self.label, "class_id": self.class_id,
-                where: list(getattr(self, where)), "score": finite_or_none(self.score),
-                "attributes": finite_or_none(self.attributes),
-                written: None if raw is None else finite_or_none(list(raw)),
-                "model_label": self.model_label}
+        entry = {"label": self.label, "class_id": self.class_id,
+                 where: list(getattr(self, where)), "score": finite_or_none(self.score),
+                 "attributes": finite_or_none(self.attributes),
+                 written: None if raw is None else finite_or_none(list(raw)),
+                 "model_label": self.model_label}
+        mask = getattr(self, "mask", None)
+        if mask is not None:  # only boxes segmented with --masks carry one
+            entry["mask"] = {"size": list(mask["size"]), "counts": mask["counts"]}
+        return entry
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Any:
         where, written = cls._where
         raw = d.get(written)
-        return cls(d[where], d.get("label"), d.get("class_id"), d.get("score"),
+        made = cls(d[where], d.get("label"), d.get("class_id"), d.get("score"),
                    dict(d.get("attributes") or {}),
                    None if raw is None else tuple(float(v) for v in raw),
                    d.get("model_label"))
+        if d.get("mask") is not None:
+            made.mask = dict(d["mask"])
+        return made
 
 
 @dataclass
@@ -135,6 +142,11 @@ class Box(_Located):
     (not checked: any corner order, as written)."""
     model_label: str | None = None
     """The label exactly as the model wrote it; ``label`` is the matched class's name."""
+    mask: dict[str, Any] | None = None
+    """With ``--masks``: the object's mask as COCO RLE (``{"size": [height, width],
+    "counts": str}``, pycocotools' encoding) in the displayed image's frame, like
+    ``bbox``; the segmenter's score is ``attributes["mask_score"]`` and the mask's area
+    in pixels ``attributes["mask_area"]``. In the record only when set."""
     _where: ClassVar[tuple[str, str]] = ("bbox", "model_bbox")
 
     def __post_init__(self) -> None:
