@@ -204,7 +204,7 @@ def test_run_json_keeps_its_keys_and_their_order(tmp_path):
         "system", "references", "min_pixels", "max_pixels", "max_new_tokens",
         *(["stop_repeats"] if "stop_repeats" in config else []), "shard",
         "min_score", "verify", "verify_threshold", "per_class", "tiles", "tile_overlap",
-        "tiles_with_full", "dedup_iou", "dedup_agnostic", "keys", "grounding_version"]
+        "tiles_with_full", "dedup_iou", "dedup_agnostic", "keys", "masks", "grounding_version"]
     assert config["dialect"] == backend.dialect.name and config["model"] == backend.model
     run = RunDir(tmp_path / "run")
     run.path.mkdir()

@@ -16,6 +16,7 @@ from grounding.cli.doctor import doctor
 from grounding.cli.evaluate import evaluate_cmd
 from grounding.cli.export import export
 from grounding.cli.label import label
+from grounding.cli.masks import masks
 from grounding.cli.merge import merge
 from grounding.cli.parse import parse
 
@@ -70,4 +71,5 @@ app.command(cls=Command, epilog=EXIT_STATUS)(label)
 app.command(cls=Command)(export)
 app.command(cls=Command, name="eval")(evaluate_cmd)
 app.command(cls=Command)(merge)
+app.command(cls=Command)(masks)
 app.command(cls=Command)(doctor)

@@ -211,11 +211,20 @@ class DetectionOptions:
     box_key: BoxKey = None
     point_key: PointKey = None
     label_key: LabelKey = None
+    masks: Annotated[bool, flag(
+        "--masks", help="Segment every box with SAM 2 (transformers): a COCO RLE mask per "
+                        "box in the record, drawn on overlays, exported with "
+                        "--mask-format.")] = False
+    mask_model: Annotated[str | None, typer.Option(
+        help="--masks: the segmenter checkpoint (default facebook/sam2.1-hiera-large; any "
+             "SAM 2 checkpoint transformers loads).")] = None
 
     def __post_init__(self) -> None:
         # Malformed or contradictory options fail before a model is loaded.
         self.tiling()
         dedup_iou(self.dedup_iou, self.no_dedup, self.dedup_agnostic)
+        if self.mask_model is not None and not self.masks:
+            raise typer.BadParameter("--mask-model needs --masks", param_hint="--mask-model")
 
     def detector(self, engine):
         """The Detector running ``engine`` with these options."""
@@ -225,6 +234,7 @@ class DetectionOptions:
                         verify=self.verify, verify_threshold=self.verify_threshold,
                         dedup_iou=dedup_iou(self.dedup_iou, self.no_dedup,
                                             self.dedup_agnostic),
+                        masks=(self.mask_model or True) if self.masks else None,
                         dedup_agnostic=self.dedup_agnostic)
 
     def tiling(self):

@@ -473,7 +473,8 @@ class Result:
         return _view("ask")(self, image, backend, question, about=about, **options)
 
     def to_detections(self):
-        """As ``supervision.Detections``; labels in ``data["class_name"]``.
+        """As ``supervision.Detections``; labels in ``data["class_name"]``; ``mask``
+        (n, height, width) when every box has one (``--masks``).
 
         ``class_id`` is the matched class id, -1 for labels outside the class list (also
         when no label matched at all); when no class list was used (:attr:`uses_classes`),
@@ -486,8 +487,14 @@ class Result:
         names = np.array([b.label or "" for b in self.boxes], dtype=object)
         ids = self.class_ids(self.boxes)
         scores = [b.score for b in self.boxes]
+        masks = None
+        if n and all(b.mask is not None for b in self.boxes):
+            from grounding.core.masks import decode
+
+            masks = np.stack([decode(b.mask) for b in self.boxes])
         return sv.Detections(
             xyxy=self.xyxy.astype(np.float32),
+            mask=masks,
             class_id=np.array(ids, dtype=int).reshape(n),
             confidence=None if n == 0 or any(s is None for s in scores)
             else np.array(scores, dtype=np.float32),

@@ -18,6 +18,7 @@ from grounding.core.result import Result
 from grounding.core.tiles import Tiling
 from grounding.io.images import ImageSource, describe, load_image
 from grounding.parsing import Keys
+from grounding.pipeline.masks import Segmenter
 from grounding.pipeline.parts import Keep, Part, assemble, failed, plan, requests
 from grounding.pipeline.prefetch import prefetch
 from grounding.pipeline.query import Query
@@ -56,6 +57,7 @@ class Detector:
                  io_workers: int = 4, min_score: float | None = None,
                  verify: bool = False, verify_threshold: float = 0.5,
                  dedup_iou: float | None = DEFAULT_DEDUP_IOU, dedup_agnostic: bool = False,
+                 masks: Segmenter | bool | str | None = None,
                  **backend_options) -> None:
         if backend is None or isinstance(backend, str):
             from grounding.backends.local import LocalBackend
@@ -76,6 +78,14 @@ class Detector:
         (grounding.core.dedup); 1.0 removes only identical boxes, None keeps every one."""
         self.dedup_agnostic = dedup_agnostic
         """Compare boxes across classes too when removing duplicates."""
+        if masks is True or isinstance(masks, str):
+            from grounding.backends.segment import DEFAULT_MASK_MODEL, SamSegmenter
+
+            masks = SamSegmenter(DEFAULT_MASK_MODEL if masks is True else masks,
+                                 device=getattr(backend, "device", None))
+        self.masks: Segmenter | None = masks or None
+        """Segment every kept box (True: the default SAM 2 checkpoint; a name: that
+        checkpoint; a segmenter); None: boxes only."""
 
     @property
     def keep(self) -> Keep:
@@ -139,8 +149,19 @@ class Detector:
                      verify: bool | None = None,
                      verify_threshold: float | None = None) -> Iterator[Result]:
         """detect_many for a Query already made (the CLI and grounding.runs.labeling make one
-        to check it, and to record it, before the first image)."""
+        to check it, and to record it, before the first image). With ``masks`` set,
+        every box kept (after verification) is segmented (grounding.pipeline.masks)."""
         size = batch_size or self.batch_size
+        found = self._verified(images, query, size, window, verify, verify_threshold)
+        if self.masks is None:
+            yield from found
+            return
+        from grounding.pipeline.masks import with_masks
+
+        yield from with_masks(found, self.masks, batch_size=size)
+
+    def _verified(self, images: Iterable[ImageSource], query: Query, size: int, window: int,
+                  verify: bool | None, verify_threshold: float | None) -> Iterator[Result]:
         if not (self.verify if verify is None else verify):
             yield from self._detect_many(images, query, size, window)
             return

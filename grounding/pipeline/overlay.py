@@ -22,7 +22,8 @@ def point_radius(size: tuple[int, int]) -> int:
 
 @register_view("annotate")
 def annotate(image: Image.Image, result: Result) -> Image.Image:
-    """Boxes, labels and points drawn on a copy of the (upright RGB) image."""
+    """Boxes (over their masks, when segmented), labels and points drawn on a copy of the
+    (upright RGB) image."""
     import supervision as sv
 
     if result.image_size is not None and image.size != result.image_size:
@@ -35,6 +36,8 @@ def annotate(image: Image.Image, result: Result) -> Image.Image:
     detections = result.to_detections()
     if len(detections):
         labels = [name or "?" for name in detections.data["class_name"]]
+        if detections.mask is not None:  # masks under the boxes, boxes stay readable
+            scene = sv.MaskAnnotator(opacity=0.45).annotate(scene, detections)
         scene = sv.BoxAnnotator(thickness=thickness).annotate(scene, detections)
         scene = sv.LabelAnnotator(text_scale=text_scale, text_thickness=thickness,
                                   text_position=sv.Position.TOP_LEFT,

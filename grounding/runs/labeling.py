@@ -68,6 +68,7 @@ def run_config(detector: Detector, query: Query, images_dir: Path, shard: tuple[
         "dedup_agnostic": bool(detector.dedup_agnostic) if detector.dedup_iou is not None
         else False,
         "keys": None if query.keys is None else query.keys.to_dict(),
+        "masks": None if detector.masks is None else detector.masks.model,
         "grounding_version": __version__,
     }
 

@@ -34,7 +34,8 @@ from grounding.io.records import read_jsonl, repair_jsonl
 
 RUN_KEYS = ("images_dir", "backend", "prompt", "classes", "ontology", "task", "system",
             "shard", "min_score", "verify", "verify_threshold", "references", "per_class",
-            "tiles", "tile_overlap", "tiles_with_full", "dedup_iou", "dedup_agnostic", "keys")
+            "tiles", "tile_overlap", "tiles_with_full", "dedup_iou", "dedup_agnostic", "keys",
+            "masks")
 """What the run and its query decide (the images, which backend, what is asked, which
 share, what is kept); the backend's own settings are LABEL_KEYS."""
 
@@ -42,7 +43,8 @@ share, what is kept); the backend's own settings are LABEL_KEYS."""
 CONFIG_KEYS = (*RUN_KEYS[:2], *LABEL_KEYS, *RUN_KEYS[2:])
 CONFIG_DEFAULTS = {"verify": False, "references": None, "per_class": False, "tiles": None,
                    "tile_overlap": None, "tiles_with_full": False, "dedup_iou": None,
-                   "dedup_agnostic": False, "keys": None, **LABEL_MISSING}
+                   "dedup_agnostic": False, "keys": None, "masks": None,
+                   **LABEL_MISSING}
 """What a key added to CONFIG_KEYS later means in a run.json written before it existed,
 so older runs still resume (a backend setting's comes from its ``missing`` metadata)."""
 

@@ -14,7 +14,7 @@ from grounding.testing.scenes import (
     scenes,
     write_dataset,
 )
-from grounding.testing.static import StaticBackend
+from grounding.testing.static import StaticBackend, StaticSegmenter
 from grounding.testing.tiny import (
     FAMILIES,
     QWEN_SPECIAL_TOKENS,
@@ -35,6 +35,7 @@ __all__ = [
     "SceneDataset",
     "SceneObject",
     "StaticBackend",
+    "StaticSegmenter",
     "TinySpec",
     "build_tiny_checkpoint",
     "chat_template",

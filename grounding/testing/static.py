@@ -6,7 +6,7 @@ import time
 
 from grounding.testing.answers import answer_text
 
-__all__ = ["StaticBackend"]
+__all__ = ["StaticBackend", "StaticSegmenter"]
 
 
 class StaticBackend:
@@ -53,4 +53,36 @@ class StaticBackend:
             out.append(Generation(text=answer_text(self.dialect, box, self.label),
                                   input_size=frame,
                                   timings={"preprocess": 0.0, "generate": 0.0, "decode": 0.0}))
+        return out
+
+
+class StaticSegmenter:
+    """A segmenter with no model, for pipeline tests and offline demos: each box's mask
+    is the box itself (its pixels, edges rounded to the nearest pixel boundary), with
+    score 1.0, so everything after segmentation (records, overlays, exports) runs for
+    real and where each mask lands can be checked exactly. Records each call's number
+    of images and boxes in ``calls``."""
+
+    def __init__(self, model: str = "static-segmenter") -> None:
+        self.model = model
+        self.calls: list[tuple[int, int]] = []
+
+    def segment(self, images: list, boxes: list) -> list:
+        import numpy as np
+
+        from grounding.backends.segment import MaskResult
+        from grounding.core.masks import area, encode, mask_check
+
+        self.calls.append((len(images), sum(len(b) for b in boxes)))
+        out = []
+        for image, xyxy in zip(images, boxes, strict=True):
+            width, height = image.size
+            found = []
+            for x1, y1, x2, y2 in np.asarray(xyxy, dtype=float).reshape(-1, 4):
+                mask = np.zeros((height, width), dtype=bool)
+                mask[round(y1):round(y2), round(x1):round(x2)] = True
+                rle = encode(mask)
+                found.append(MaskResult(rle, 1.0, area(rle),
+                                        mask_check(mask, (x1, y1, x2, y2))))
+            out.append(found)
         return out

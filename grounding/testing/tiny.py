@@ -34,12 +34,15 @@ from typing import Any, Literal
 __all__ = [
     "FAMILIES",
     "QWEN_SPECIAL_TOKENS",
+    "TINY_SAM2_IMAGE_SIZE",
     "TINY_SPECS",
     "Family",
     "TinySpec",
     "build_tiny_checkpoint",
+    "build_tiny_sam2",
     "chat_template",
     "tiny_checkpoint",
+    "tiny_sam2",
 ]
 
 Family = Literal["qwen2.5-vl", "qwen3-vl"]
@@ -483,3 +486,127 @@ _REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors",
 
 def _complete(path: Path) -> bool:
     return path.is_dir() and all((path / name).is_file() for name in _REQUIRED_FILES)
+
+
+# --------------------------------------------------------------------------------------
+# Tiny SAM 2 (box-prompted segmenter)
+# --------------------------------------------------------------------------------------
+
+TINY_SAM2_IMAGE_SIZE = 256
+"""The tiny SAM 2's square input side (the real checkpoints use 1024); low-res masks are
+a quarter of it (64 x 64, as 256 x 256 for the real ones)."""
+
+_SAM2_REQUIRED_FILES = ("config.json", "model.safetensors", "processor_config.json")
+
+
+def _sam2_config(size: int = TINY_SAM2_IMAGE_SIZE) -> Any:
+    """A tiny ``Sam2Config``: a 5-block Hiera of widths 8..64, FPN width 32, decoder 32.
+
+    The layout is the real one shrunk: 4 stages with 3 query-pool stages (features at
+    size/4, size/8, size/16), windowed attention with one global block, a 2-layer
+    two-way transformer in the mask decoder. About 124k parameters, 0.5 MB on disk.
+    """
+    from transformers import Sam2Config
+
+    if size % 16:
+        raise ValueError(f"SAM 2 image size {size} is not a multiple of 16")
+    backbone = {
+        "model_type": "sam2_hiera_det_model",
+        "hidden_size": 8,
+        "num_attention_heads": 1,
+        "image_size": [size, size],
+        "blocks_per_stage": [1, 1, 2, 1],
+        "embed_dim_per_stage": [8, 16, 32, 64],
+        "num_attention_heads_per_stage": [1, 1, 1, 1],
+        "window_size_per_stage": [8, 4, 4, 4],
+        # A global block may not open a pooled stage (its window is 0): block 3 is the
+        # second block of stage 3.
+        "global_attention_blocks": [3],
+        "window_positional_embedding_background_size": [4, 4],
+    }
+    vision = {
+        "model_type": "sam2_vision_model",
+        "backbone_config": backbone,
+        "backbone_channel_list": [64, 32, 16, 8],
+        "backbone_feature_sizes": [[size // 4] * 2, [size // 8] * 2, [size // 16] * 2],
+        "fpn_hidden_size": 32,
+    }
+    return Sam2Config(
+        vision_config=vision,
+        prompt_encoder_config={"hidden_size": 32, "image_size": size, "patch_size": 16},
+        mask_decoder_config={"hidden_size": 32, "mlp_dim": 64, "num_attention_heads": 2,
+                             "iou_head_hidden_dim": 32},
+    )
+
+
+def build_tiny_sam2(path: str | Path, *, seed: int = 0,
+                    size: int = TINY_SAM2_IMAGE_SIZE) -> Path:
+    """Write a tiny random-weight SAM 2 checkpoint (model + ``Sam2Processor``) to ``path``.
+
+    ``Sam2Model.from_pretrained(path)`` and ``Sam2Processor.from_pretrained(path)`` (or
+    the Auto classes) load it back offline. The processor resizes to ``size`` x ``size``
+    (ImageNet mean/std, bilinear, as the real checkpoints). Deterministic in ``seed``;
+    the caller's global RNG is left as it was. Random weights: masks and scores are
+    meaningless; test shapes, frames, batching and accounting.
+    """
+    import torch
+    from transformers import Sam2ImageProcessor, Sam2Model, Sam2Processor
+
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    config = _sam2_config(size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Sam2Model(config)
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    image_processor = Sam2ImageProcessor(
+        size={"height": size, "width": size},
+        mask_size={"height": size // 4, "width": size // 4},
+    )
+    Sam2Processor(image_processor=image_processor).save_pretrained(out)
+    return out
+
+
+def tiny_sam2(path: str | Path | None = None, *, seed: int = 0,
+              cache_dir: str | Path | None = None) -> Path:
+    """The tiny SAM 2 checkpoint: built into ``path`` when given, else built once into a
+    cache folder (keyed as :func:`tiny_checkpoint`'s, process-safe) and reused."""
+    if path is not None:
+        return build_tiny_sam2(path, seed=seed)
+    key = _cache_key_for("sam2", seed)
+    root = Path(cache_dir) if cache_dir is not None else (
+        Path(tempfile.gettempdir()) / "grounding-tiny-checkpoints")
+    final = root / key
+    if _sam2_complete(final):
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+    try:
+        build_tiny_sam2(tmp, seed=seed)
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        tmp.chmod(0o755)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not _sam2_complete(final):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _cache_key_for(name: str, seed: int) -> str:
+    import transformers
+
+    from grounding._version import __version__
+
+    digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:10]
+    return (f"tiny-{name}-seed{seed}-grounding{__version__}"
+            f"-transformers{transformers.__version__}-{digest}")
+
+
+def _sam2_complete(path: Path) -> bool:
+    return path.is_dir() and all((path / name).is_file() for name in _SAM2_REQUIRED_FILES)
