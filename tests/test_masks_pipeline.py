@@ -124,3 +124,41 @@ def test_masks_for_a_finished_run_without_asking_the_detector_again(tmp_path):
     assert len(list(out.records())) == 2
     with pytest.raises(Exception, match="new run directory"):
         add_masks(boxes, boxes, segmenter)
+
+
+def test_label_and_masks_commands_run_sam2_for_real(tmp_path):
+    """The real transformers SAM 2 path (tiny random checkpoint) from the command line:
+    label --masks, and grounding masks on a box-only run; random weights, so only the
+    shapes, the accounting and the records are checked."""
+    from grounding.testing.tiny import tiny_sam2
+
+    sam = str(tiny_sam2())
+    images = tmp_path / "images"
+    images.mkdir()
+    red_image((320, 240), (40, 60, 200, 180)).save(images / "a.png")
+    red_image((240, 320), (20, 20, 100, 300)).save(images / "b.png")
+    runner = CliRunner()
+    with LoopbackServer(handler=grounding_handler("qwen2.5-vl")) as server:
+        common = ["--classes", "red box", "--backend", "openai", "--base-url",
+                  server.base_url, "--model", "m", "--dialect", "qwen2.5-vl"]
+        out = runner.invoke(app, ["label", str(images), "--out", str(tmp_path / "seg"),
+                                  *common, "--masks", "--mask-model", sam])
+        assert out.exit_code == 0, out.output
+        out = runner.invoke(app, ["label", str(images), "--out", str(tmp_path / "boxes"),
+                                  *common])
+        assert out.exit_code == 0, out.output
+    out = runner.invoke(app, ["masks", str(tmp_path / "boxes"), "--out",
+                              str(tmp_path / "later"), "--mask-model", sam])
+    assert out.exit_code == 0, out.output
+    for run in ("seg", "later"):
+        records = {r["image"]: r for r in RunDir(tmp_path / run).records()}
+        assert set(records) == {"a.png", "b.png"}
+        for record in records.values():
+            (d,) = record["detections"]
+            assert d["mask"]["size"] == [record["height"], record["width"]]
+            assert np.isfinite(d["attributes"]["mask_score"])
+            assert d["attributes"]["mask_area"] == int(decode(d["mask"]).sum())
+        assert RunDir(tmp_path / run).config()["masks"] == sam
+    bad = runner.invoke(app, ["masks", str(tmp_path / "boxes"), "--out",
+                              str(tmp_path / "x"), "--mask-model", str(tmp_path / "nope")])
+    assert bad.exit_code == 2 and bad.output.count("\n") <= 2 and "--mask-model" in bad.output

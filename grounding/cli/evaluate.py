@@ -20,8 +20,12 @@ def evaluate_cmd(
     gt: Annotated[Path, typer.Option(help="Ground truth: a COCO json or a YOLO folder.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")
     ] = False,
+    iou_type: Annotated[str, typer.Option(
+        help="bbox (boxes) or segm (masks of a run labelled with --masks, against a COCO "
+             "ground truth with segmentation).")] = "bbox",
 ) -> None:
-    """mAP@50, mAP@50:95, precision and recall per class of a run against ground truth.
+    """mAP@50, mAP@50:95, precision and recall per class of a run against ground truth
+    (boxes; masks with --iou-type segm).
 
     Label a sample with each candidate prompt, model or pixel budget, evaluate each run
     against a small hand-labelled set, and keep the best before labelling everything.
@@ -33,6 +37,8 @@ def evaluate_cmd(
     from grounding.formats.evaluate import evaluate
     from grounding.runs.rundir import RunDir
 
+    if iou_type not in ("bbox", "segm"):
+        fail(f"--iou-type {iou_type!r}: choose from bbox, segm")
     run = RunDir(run_dir)
     try:
         config = run.config()
@@ -44,7 +50,7 @@ def evaluate_cmd(
         fail(f"ground truth {gt}: no such file or folder")
     try:
         report = evaluate(run.records(), config.get("classes") or [], gt,
-                          images_root=Path(config["images_dir"]))
+                          images_root=Path(config["images_dir"]), iou_type=iou_type)
     except DatasetError as exc:  # names the ground-truth file
         fail(exc)
     except InvalidResult as exc:  # names the record's image
@@ -61,6 +67,9 @@ def evaluate_cmd(
             typer.echo(f"  {line}", err=True)
         if n > SHOWN_WARNINGS:
             typer.echo(f"  ... and {n - SHOWN_WARNINGS} more", err=True)
+    if report.predictions_without_mask:
+        typer.echo(f"warning: {report.predictions_without_mask} boxes of {run_dir} carry no "
+                   "mask: left out of the mask scores", err=True)
     if not report.images_matched:
         typer.echo(f"warning: no record of {run_dir} matched an image of {gt}: nothing was "
                    "scored" + (f" (e.g. {report.examples[0]})" if report.examples else ""),

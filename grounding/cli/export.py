@@ -29,7 +29,8 @@ def parse_formats(text: str | None) -> list[str]:
 
 def export_runs(run_dirs: list[Path], fmt: str, out: Path, *, min_score: float | None,
                 copy: bool, val_fraction: float, seed: int, overwrite: bool,
-                url_prefix: str | None = None) -> None:
+                url_prefix: str | None = None, mask_format: str = "rle",
+                yolo_task: str = "detect", contours: str = "largest") -> None:
     """Export the records of ``run_dirs`` (shards of one run) as ``fmt`` into ``out``."""
     from grounding.formats import ExportExists, export_coco, export_labelstudio, export_yolo
     from grounding.formats.labelstudio import LOCAL_FILES_PREFIX
@@ -55,14 +56,16 @@ def export_runs(run_dirs: list[Path], fmt: str, out: Path, *, min_score: float |
     try:
         if fmt == "coco":
             stats = export_coco(records(), root, classes, out, min_score=min_score, copy=copy,
-                                overwrite=overwrite)
+                                overwrite=overwrite, mask_format=mask_format)
         elif fmt == "yolo":
             stats = export_yolo(records(), root, classes, out, val_fraction=val_fraction,
-                                seed=seed, min_score=min_score, copy=copy, overwrite=overwrite)
+                                seed=seed, min_score=min_score, copy=copy, overwrite=overwrite,
+                                task=yolo_task, contours=contours)
         else:
             stats = export_labelstudio(
                 records(), root, classes, out, min_score=min_score, overwrite=overwrite,
-                url_prefix=LOCAL_FILES_PREFIX if url_prefix is None else url_prefix)
+                url_prefix=LOCAL_FILES_PREFIX if url_prefix is None else url_prefix,
+                mask_format=mask_format)
     except ExportExists as exc:
         fail(f"{fmt} export to {out}: {exc.path} {exc.what}; pass --overwrite to replace it")
     except (FileExistsError, ValueError, OSError) as exc:
@@ -94,16 +97,38 @@ def export(
              "files with LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT = the images folder); "
              "e.g. /data/local-files/?d=photos/ when the document root is the folder "
              "above, or http://host:8081/ for a file server.")] = None,
+    mask_format: Annotated[str | None, typer.Option(
+        help="Masks (runs labelled with --masks), coco and labelstudio: rle (default; COCO "
+             "RLE, Label Studio brush) or polygon (the mask's outer contours).")] = None,
+    yolo_task: Annotated[str, typer.Option(
+        help="YOLO: detect (box rows) or segment (one polygon row per box with a mask; "
+             "boxes without one are left out; train with task=segment).")] = "detect",
+    contours: Annotated[str | None, typer.Option(
+        help="YOLO segment: largest (default; the mask's largest contour) or all (every "
+             "contour joined into one polygon, as Ultralytics' convert_coco does).")] = None,
 ) -> None:
     """Build a COCO, YOLO or Label Studio dataset from one or more label runs."""
     names = parse_formats(format)
     if len(names) != 1:
         raise typer.BadParameter("give one format", param_hint="--format")
-    if url_prefix is not None and names[0] != "labelstudio":
+    fmt = names[0]
+    if url_prefix is not None and fmt != "labelstudio":
         raise typer.BadParameter("only for --format labelstudio", param_hint="--url-prefix")
+    choices = {"--mask-format": (mask_format, ("rle", "polygon"), ("coco", "labelstudio")),
+               "--yolo-task": (yolo_task, ("detect", "segment"), ("yolo",)),
+               "--contours": (contours, ("largest", "all"), ("yolo",))}
+    for option, (value, allowed, formats) in choices.items():
+        if value is not None and value not in allowed:
+            fail(f"{option} {value!r}: choose from {', '.join(allowed)}")
+        if value is not None and fmt not in formats and value != allowed[0]:
+            fail(f"{option} is only for --format {' or '.join(formats)}")
+    if contours is not None and yolo_task != "segment":
+        fail("--contours is only for --yolo-task segment")
     # RUN_DIR/export/FORMAT belongs to grounding and is rebuilt; a folder of the user's
     # (--out) must be empty, so an export never mixes into an existing dataset, unless
     # --overwrite says to replace what a previous export left there.
-    export_runs(run_dirs, names[0], out or run_dirs[0] / "export" / names[0],
+    export_runs(run_dirs, fmt, out or run_dirs[0] / "export" / fmt,
                 min_score=min_score, copy=copy, val_fraction=val_fraction, seed=seed,
-                overwrite=overwrite or out is None, url_prefix=url_prefix)
+                overwrite=overwrite or out is None, url_prefix=url_prefix,
+                mask_format=mask_format or "rle", yolo_task=yolo_task,
+                contours=contours or "largest")

@@ -9,7 +9,9 @@ is JSON), exactly what COCO's ``segmentation`` field and ``iouType="segm"`` take
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -37,7 +39,17 @@ def encode(mask: np.ndarray) -> Rle:
             "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
 
 
-def _compressed(rle: Mapping[str, Any]) -> Rle:
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """pycocotools 2.0 warns on numpy 2 about its own ``__array__`` (copy keyword) at
+    every decode; the result is right, and the warning is not the user's to act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="__array__ implementation doesn't accept",
+                                category=DeprecationWarning)
+        yield
+
+
+def compressed(rle: Mapping[str, Any]) -> Rle:
     """pycocotools' form of ``rle``: compressed counts as bytes (uncompressed lists, as
     COCO's ``iscrowd`` annotations hold, are compressed first)."""
     from pycocotools import mask as mask_utils
@@ -57,14 +69,16 @@ def decode(rle: Mapping[str, Any]) -> np.ndarray:
     uncompressed list counts)."""
     from pycocotools import mask as mask_utils
 
-    return mask_utils.decode(_compressed(rle)).astype(bool)
+    with _quiet():
+        return mask_utils.decode(compressed(rle)).astype(bool)
 
 
 def area(rle: Mapping[str, Any]) -> int:
     """The number of pixels in the mask (without decoding it)."""
     from pycocotools import mask as mask_utils
 
-    return int(mask_utils.area(_compressed(rle)))
+    with _quiet():
+        return int(mask_utils.area(compressed(rle)))
 
 
 def _box_pixels(bbox: Sequence[float], height: int, width: int) -> tuple[int, int, int, int]:

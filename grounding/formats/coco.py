@@ -7,6 +7,16 @@ COCO detection, so each image entry carries an extra field
 ``"points": [{"category_id", "point": [x, y], "score"}]``; pycocotools and supervision
 ignore unknown image fields.
 
+A box with a mask (``--masks``) gets ``segmentation``: its COCO RLE (``{"size",
+"counts"}``, ``counts`` a string) by default, or with ``mask_format="polygon"`` every
+external contour of the mask with 3 or more points as a flat ``[x1, y1, x2, y2, ...]``
+list (OpenCV ``findContours``; holes are not kept, and the outline runs through the
+centres of the boundary pixels: see ``formats.segmentation``); a mask with no such
+contour keeps its RLE. Its ``area`` is then the mask's pixel count (pycocotools
+``area``), and the file evaluates with pycocotools' ``iouType="segm"``. ``bbox`` stays
+the detector's box. A box without a mask has no ``segmentation`` (and ``area`` is its
+box's): evaluate such files with ``iouType="bbox"``.
+
 Images are symlinked by default. supervision's ``DetectionDataset.from_coco`` refuses
 images that resolve outside its images directory, symlinks included: export with
 ``copy=True`` for it (pycocotools and Ultralytics-style loaders follow links).
@@ -24,6 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from grounding._version import __version__
+from grounding.formats import segmentation
 from grounding.formats.common import (
     ExportStats,
     check_class_names,
@@ -47,9 +58,13 @@ from grounding.formats.dataset import (
 
 def export_coco(records: Iterable[dict[str, Any]], images_root: Path, class_names: list[str],
                 out: Path, *, min_score: float | None = None, copy: bool = False,
-                overwrite: bool = False) -> ExportStats:
+                overwrite: bool = False, mask_format: str = "rle") -> ExportStats:
     """Write ``out/annotations.json`` and ``out/images/<relative path>``; see the module
-    and package docstrings for the rules."""
+    and package docstrings for the rules. ``mask_format``: how a box's mask is written
+    as ``segmentation``, ``"rle"`` or ``"polygon"`` (see the module docstring)."""
+    if mask_format not in segmentation.MASK_FORMATS:
+        raise ValueError("mask_format must be one of "
+                         f"{', '.join(segmentation.MASK_FORMATS)}, got {mask_format!r}")
     names = check_class_names(class_names)
     images_root, out = Path(images_root), Path(out)
     images_dir = out / "images"
@@ -76,11 +91,29 @@ def export_coco(records: Iterable[dict[str, Any]], images_root: Path, class_name
                 ann: dict[str, Any] = {"id": annotation_id, "image_id": image_id,
                                        "category_id": b.class_id + 1,
                                        "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0}
+                if b.mask is not None:
+                    ann.update(_segmentation(b.mask, item, mask_format, stats))
                 if b.score is not None:
                     ann["score"] = b.score
                 _append(annotations_tmp, ann, first=annotation_id == 1)
         _splice(out / "annotations.json", names, images_tmp, annotations_tmp)
     return stats
+
+
+def _segmentation(mask: dict[str, Any], item: Any, mask_format: str,
+                  stats: ExportStats) -> dict[str, Any]:
+    """``segmentation`` and ``area`` (the mask's pixels) of a box with a mask."""
+    rle = segmentation.check_mask(mask, item.width, item.height, f"{item.relative}: box")
+    stats.masks += 1
+    out: dict[str, Any] = {"area": segmentation.area(rle)}
+    if mask_format == "polygon":
+        rings = segmentation.polygons(segmentation.decode(rle))
+        if rings:
+            out["segmentation"] = rings
+            return out
+        stats.masks_without_polygon += 1
+    out["segmentation"] = segmentation.coco_rle(rle)
+    return out
 
 
 def _temp(out: Path) -> IO[str]:
@@ -226,4 +259,21 @@ def _coco_box(ann: dict[str, Any], slot: dict[int, int],
     x, y, w, h = values
     if w < 0 or h < 0:
         return f"bbox has a negative width or height: {show(bbox)}", None
-    return "", DatasetBox(cid, x, y, x + w, y + h, bool(ann.get("iscrowd", 0)))
+    return "", DatasetBox(cid, x, y, x + w, y + h, bool(ann.get("iscrowd", 0)),
+                          _segmentation_of(ann.get("segmentation")))
+
+
+def _segmentation_of(value: Any) -> Any:
+    """``segmentation`` when it has a shape pycocotools reads (a list of polygons of 3 or
+    more finite x, y pairs, or an RLE dict with a 2-number size and counts), else None."""
+    if isinstance(value, list):
+        ok = value and all(isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+                           and all(as_number(v) is not None for v in p) for p in value)
+        return value if ok else None
+    if isinstance(value, dict):
+        size = value.get("size")
+        if (isinstance(size, list) and len(size) == 2 and all(as_int(v) is not None
+                                                              for v in size)
+                and isinstance(value.get("counts"), list | str)):
+            return value
+    return None

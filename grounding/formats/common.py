@@ -50,6 +50,14 @@ class ExportStats:
     already taken by an earlier record."""
     upright_copies: int = 0
     """EXIF-rotated sources written as upright files instead of linked."""
+    masks: int = 0
+    """Boxes exported with their mask (``Box.mask``, from ``--masks``)."""
+    boxes_without_mask: int = 0
+    """YOLO segmentation labels: boxes with no mask, left out (a box is not an outline)."""
+    masks_without_polygon: int = 0
+    """Polygon output: masks with no contour of 3 or more points (empty, or one pixel
+    thin); COCO writes their RLE instead, YOLO segmentation and Label Studio leave them
+    out (Label Studio keeps the rectangle)."""
     skipped: list[str] = field(default_factory=list)
     """``"path: reason"`` for the first MAX_LISTED images skipped as missing or unusable."""
 

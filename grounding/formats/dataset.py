@@ -42,6 +42,10 @@ class DatasetBox(NamedTuple):
     y2: float
     iscrowd: bool = False
     """COCO's crowd region (matches nothing, and a box on it is not a false positive)."""
+    segmentation: Any = None
+    """COCO's ``segmentation`` as the file has it (polygons, or RLE with ``counts`` a list
+    or a string) when it is one of those shapes, else None; YOLO's reader leaves it None.
+    Only ``evaluate(..., iou_type="segm")`` reads it."""
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """Score labelling records against ground truth: COCO mAP plus precision/recall per class.
 
-mAP comes from pycocotools' COCOeval (bbox), the reference every detector reports
-against. Precision and recall at IoU 0.5 come from a greedy one-to-one match by score,
-because a VLM's boxes mostly carry no score (null counts as 1.0): AP ranks boxes by
-score, so for unscored boxes the operating point (how many found, how many wrong) says
-more than the area under a curve that has a single point.
+mAP comes from pycocotools' COCOeval (bbox, or segm for masks: ``iou_type="segm"``),
+the reference every detector reports against. Precision and recall at IoU 0.5 come
+from a greedy one-to-one match by score, because a VLM's boxes mostly carry no score
+(null counts as 1.0): AP ranks boxes by score, so for unscored boxes the operating point
+(how many found, how many wrong) says more than the area under a curve that has a single point.
 
 Only images present on both sides are scored: a ground-truth image without a record was
 never labelled, and a record without ground truth cannot be judged; both are counted.
@@ -32,12 +32,20 @@ from typing import Any
 import numpy as np
 
 from grounding.core.result import InvalidResult, Result
+from grounding.formats import segmentation
 from grounding.formats.coco import load_coco
-from grounding.formats.dataset import Dataset, DatasetError, as_int, relative_path
+from grounding.formats.dataset import (
+    Dataset,
+    DatasetError,
+    DatasetImage,
+    as_int,
+    relative_path,
+)
 from grounding.formats.yolo import load_yolo
 from grounding.io.images import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # still importable here
 
 IOU = 0.5
+IOU_TYPES = ("bbox", "segm")
 MAX_LISTED = 20
 
 
@@ -82,6 +90,10 @@ class EvalReport:
     """Ground-truth entries (annotations, images, label lines, ...) left out as malformed."""
     gt_warnings: list[str] = field(default_factory=list)
     """Why, for the first of them: ``"FILE: WHERE: REASON"`` (see ``formats.dataset``)."""
+    iou_type: str = "bbox"
+    """``"bbox"``: boxes scored by box IoU; ``"segm"``: masks by mask IoU."""
+    predictions_without_mask: int = 0
+    """``segm``: boxes of matched records that carry no mask, left out."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,7 +105,8 @@ class EvalReport:
         def f(v: float | None) -> str:
             return "-" if v is None else f"{v:.3f}"
 
-        table = Table(title="Detection quality", caption=(
+        title = "Mask quality" if self.iou_type == "segm" else "Detection quality"
+        table = Table(title=title, caption=(
             f"{self.images_matched} images scored, {self.gt_images_unmatched} ground-truth "
             f"images without a record, {self.records_unmatched} records without ground "
             f"truth, {self.records_skipped} records skipped, {self.size_mismatches} size "
@@ -118,32 +131,50 @@ class _Image:
     relative: str
     width: int
     height: int
-    boxes: list[tuple[int, float, float, float, float, bool]] = field(default_factory=list)
-    """class index, x1, y1, x2, y2, iscrowd"""
+    boxes: list[tuple[Any, ...]] = field(default_factory=list)
+    """class index, x1, y1, x2, y2, iscrowd, and for ``segm`` the mask as pycocotools RLE"""
 
 
 def evaluate(records: Iterable[dict[str, Any]], class_names: list[str], gt: Path, *,
-             images_root: Path | None = None) -> EvalReport:
+             images_root: Path | None = None, iou_type: str = "bbox") -> EvalReport:
     """Score ``records`` against ``gt``: a COCO json file, or a YOLO dataset directory
     (``data.yaml``, ``images/``, ``labels/``). ``images_root`` turns absolute image paths
-    (in records or COCO ``file_name``) into the relative ones matching uses."""
+    (in records or COCO ``file_name``) into the relative ones matching uses.
+
+    ``iou_type="segm"`` scores the boxes' masks (``--masks``) against a COCO ground truth's
+    ``segmentation`` (polygons or RLE) by mask IoU, with pycocotools' COCOeval ``segm``
+    and the same greedy match for precision and recall. Ground-truth annotations without
+    a usable segmentation are left out as malformed, boxes without a mask are left out
+    and counted (``predictions_without_mask``); a ground truth with no segmentation at
+    all, a YOLO folder, or records whose boxes carry no mask raise (DatasetError for the
+    ground truth, ValueError for the records)."""
+    if iou_type not in IOU_TYPES:
+        raise ValueError(f"iou_type must be one of {', '.join(IOU_TYPES)}, got {iou_type!r}")
+    segm = iou_type == "segm"
     names = [str(n) for n in class_names]
     gt = Path(gt)
     root = None if images_root is None else Path(images_root)
+    if segm and gt.is_dir():
+        raise DatasetError(f"{gt}: mask evaluation (segm) needs a COCO json ground truth "
+                           "with segmentation, not a YOLO folder")
     data = load_yolo(gt) if gt.is_dir() else load_coco(gt, root)
+    if segm:
+        data = _with_segmentation(data)
     check_usable(data)
     gt_names = data.names
     index = {n.lower(): i for i, n in enumerate(names)}
     gt_to_class = {g: index.get(n.lower()) for g, n in gt_names.items()}
     in_gt = {c for c in gt_to_class.values() if c is not None}
     gt_images = [_Image(im.path, im.width, im.height,
-                        [(c, b.x1, b.y1, b.x2, b.y2, b.iscrowd) for b in im.boxes
+                        [(c, b.x1, b.y1, b.x2, b.y2, b.iscrowd, b.segmentation)
+                         for b in im.boxes
                          if (c := gt_to_class.get(b.category_id)) is not None])
                  for im in data.images]
 
     find = _Matcher(gt_images)
     preds: dict[int, list[tuple[int, float, float, float, float, float]]] = {}
-    skipped = unmatched = mismatched = without_class = 0
+    skipped = unmatched = mismatched = without_class = without_mask = 0
+    seen_box = seen_mask = False
     examples: list[str] = []
     for record in records:
         if record.get("error") or record.get("width") is None:
@@ -165,6 +196,8 @@ def evaluate(records: Iterable[dict[str, Any]], class_names: list[str], gt: Path
             continue
         boxes = []
         for b in Result.from_record(record).boxes:  # checked: finite, ordered
+            seen_box = True
+            seen_mask = seen_mask or b.mask is not None
             if b.class_id is None:
                 without_class += 1
                 continue
@@ -172,8 +205,21 @@ def evaluate(records: Iterable[dict[str, Any]], class_names: list[str], gt: Path
             if class_id is None:
                 raise InvalidResult(f"{record.get('image')}: box {b.label!r}: class_id "
                                     f"{b.class_id!r} is not a whole number")
-            boxes.append((class_id, *b.bbox, 1.0 if b.score is None else b.score))
+            mask = None
+            if segm:
+                if b.mask is None:
+                    without_mask += 1
+                    continue
+                try:
+                    mask = segmentation.check_mask(b.mask, image.width, image.height,
+                                                   f"{record.get('image')}: box {b.label!r}")
+                except ValueError as exc:
+                    raise InvalidResult(str(exc)) from None
+            boxes.append((class_id, *b.bbox, 1.0 if b.score is None else b.score, mask))
         preds[g] = boxes
+    if segm and seen_box and not seen_mask:
+        raise ValueError("the records' boxes carry no masks: mask evaluation (segm) needs "
+                         "a run labelled with --masks")
     matched = [g for g in preds if not find.excluded(g)]
     reports = [ClassReport(n, i, i in in_gt) for i, n in enumerate(names)]
     for g in matched:
@@ -183,10 +229,10 @@ def evaluate(records: Iterable[dict[str, Any]], class_names: list[str], gt: Path
             if 0 <= p[0] < len(names):
                 reports[p[0]].predicted += 1
     scored = sorted(in_gt)
-    map50, map50_95 = _coco_eval(gt_images, preds, matched, scored, reports)
+    map50, map50_95 = _coco_eval(gt_images, preds, matched, scored, reports, iou_type)
     tp = fp = n_gt = 0
     for c in scored:
-        c_tp, c_fp = _greedy(gt_images, preds, matched, c)
+        c_tp, c_fp = _greedy(gt_images, preds, matched, c, segm=segm)
         r = reports[c]
         r.true_positives = c_tp
         r.precision = c_tp / (c_tp + c_fp) if c_tp + c_fp else None
@@ -204,7 +250,47 @@ def evaluate(records: Iterable[dict[str, Any]], class_names: list[str], gt: Path
         predictions_without_class=without_class,
         gt_classes_not_in_list=sorted({gt_names[g] for g, c in gt_to_class.items() if c is None}),
         classes_not_in_gt=[n for i, n in enumerate(names) if i not in in_gt],
-        examples=examples, gt_skipped=data.skipped, gt_warnings=data.warnings)
+        examples=examples, gt_skipped=data.skipped, gt_warnings=data.warnings,
+        iou_type=iou_type, predictions_without_mask=without_mask)
+
+
+def _with_segmentation(data: Dataset) -> Dataset:
+    """The ground truth for ``segm``: each box's segmentation as pycocotools RLE; boxes
+    without a usable one are left out as malformed. DatasetError when none has one."""
+    from pycocotools import mask as mask_utils
+
+    out = Dataset(data.source, data.names, skipped=data.skipped,
+                  warnings=list(data.warnings))
+    found = False
+    for im in data.images:
+        kept = DatasetImage(im.path, im.width, im.height)
+        for i, b in enumerate(im.boxes):
+            where = f"{data.source}: {im.path}: box {i}"
+            seg = b.segmentation
+            if seg is None:
+                out.skip(where, "no segmentation (polygons or RLE): left out of segm")
+                continue
+            try:
+                if isinstance(seg, list):
+                    rle = mask_utils.merge(mask_utils.frPyObjects(seg, im.height, im.width))
+                elif isinstance(seg["counts"], list):
+                    rle = mask_utils.frPyObjects(seg, *seg["size"])
+                else:
+                    rle = {"size": list(seg["size"]), "counts": seg["counts"].encode("ascii")}
+                if [int(v) for v in rle["size"]] != [im.height, im.width]:
+                    raise ValueError(f"size {list(rle['size'])} is not the image's "
+                                     f"{[im.height, im.width]} (height, width)")
+                mask_utils.area(rle)  # a corrupt counts string fails here, not in COCOeval
+            except (ValueError, TypeError, UnicodeEncodeError) as exc:
+                out.skip(where, f"unusable segmentation ({exc}): left out of segm")
+                continue
+            found = True
+            kept.boxes.append(b._replace(segmentation=rle))
+        out.images.append(kept)
+    if not found and any(im.boxes for im in data.images):
+        raise DatasetError(f"{data.source}: no annotation has a segmentation (polygons or "
+                           "RLE); mask evaluation (segm) needs one, use --iou-type bbox")
+    return out
 
 
 def check_usable(data: Dataset) -> None:
@@ -264,12 +350,13 @@ class _Matcher:
 
 
 def _coco_eval(gt_images: list[_Image], preds: dict[int, list], matched: list[int],
-               scored: list[int], reports: list[ClassReport]) -> tuple[float | None,
-                                                                       float | None]:
-    """COCOeval bbox over the matched images and the classes both sides know; fills the
-    per-class AP in ``reports`` and returns (mAP@50, mAP@50:95)."""
+               scored: list[int], reports: list[ClassReport],
+               iou_type: str = "bbox") -> tuple[float | None, float | None]:
+    """COCOeval (``iou_type`` bbox or segm) over the matched images and the classes both
+    sides know; fills the per-class AP in ``reports`` and returns (mAP@50, mAP@50:95)."""
     if not matched or not scored:
         return None, None
+    from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -279,23 +366,27 @@ def _coco_eval(gt_images: list[_Image], preds: dict[int, list], matched: list[in
     truth, found = [], []
     most, known = 0, set(scored)
     for g in matched:
-        for c, x1, y1, x2, y2, crowd in gt_images[g].boxes:
+        for c, x1, y1, x2, y2, crowd, seg in gt_images[g].boxes:
             truth.append({"id": len(truth) + 1, "image_id": g + 1, "category_id": c + 1,
                           "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
                           "iscrowd": int(crowd)})
+            if iou_type == "segm":
+                truth[-1].update(segmentation=seg, area=float(mask_utils.area(seg)))
         kept = [p for p in preds[g] if p[0] in known]
         most = max(most, len(kept))
-        for c, x1, y1, x2, y2, score in kept:
+        for c, x1, y1, x2, y2, score, mask in kept:
             found.append({"id": len(found) + 1, "image_id": g + 1, "category_id": c + 1,
                           "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1),
                           "iscrowd": 0, "score": score})
+            if iou_type == "segm":
+                found[-1].update(segmentation=mask, area=float(mask_utils.area(mask)))
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints as it goes
         coco_gt, coco_dt = COCO(), COCO()
         coco_gt.dataset = {"images": images, "categories": categories, "annotations": truth}
         coco_dt.dataset = {"images": images, "categories": categories, "annotations": found}
         coco_gt.createIndex()
         coco_dt.createIndex()
-        ev = COCOeval(coco_gt, coco_dt, "bbox")
+        ev = COCOeval(coco_gt, coco_dt, iou_type)
         ev.params.imgIds = [g + 1 for g in matched]
         ev.params.catIds = [c + 1 for c in scored]
         # Never cut a VLM's answer at COCO's 100 boxes per image.
@@ -315,18 +406,20 @@ def _mean(values: np.ndarray) -> float | None:
 
 
 def _greedy(gt_images: list[_Image], preds: dict[int, list], matched: list[int],
-            c: int) -> tuple[int, int]:
-    """(true positives, false positives) of class ``c`` at IoU >= 0.5: boxes taken in
-    score order, each to the unmatched ground truth it overlaps most. A box on a crowd
-    region is neither (as in COCO)."""
+            c: int, *, segm: bool = False) -> tuple[int, int]:
+    """(true positives, false positives) of class ``c`` at IoU >= 0.5 (mask IoU for
+    ``segm``): boxes taken in score order, each to the unmatched ground truth it overlaps
+    most. A box on a crowd region is neither (as in COCO)."""
     tp = fp = 0
+    where = (lambda b: b[6]) if segm else (lambda b: b[1:5])
+    iou, ioa = (_mask_iou, _mask_ioa) if segm else (_iou, _ioa)
     for g in matched:
-        truth = [b[1:5] for b in gt_images[g].boxes if b[0] == c and not b[5]]
-        crowd = [b[1:5] for b in gt_images[g].boxes if b[0] == c and b[5]]
+        truth = [where(b) for b in gt_images[g].boxes if b[0] == c and not b[5]]
+        crowd = [where(b) for b in gt_images[g].boxes if b[0] == c and b[5]]
         found = sorted((p for p in preds[g] if p[0] == c), key=lambda p: -p[5])
         taken: set[int] = set()
         for p in found:
-            ious = _iou(p[1:5], truth)
+            ious = iou(where(p), truth)
             best, best_iou = -1, IOU
             for j, v in enumerate(ious):
                 if j not in taken and v >= best_iou:
@@ -334,9 +427,25 @@ def _greedy(gt_images: list[_Image], preds: dict[int, list], matched: list[int],
             if best >= 0:
                 taken.add(best)
                 tp += 1
-            elif not any(_ioa(p[1:5], r) >= IOU for r in crowd):
+            elif not any(ioa(where(p), r) >= IOU for r in crowd):
                 fp += 1
     return tp, fp
+
+
+def _mask_iou(mask: dict[str, Any], others: list[dict[str, Any]]) -> list[float]:
+    from pycocotools import mask as mask_utils
+
+    if not others:
+        return []
+    return [float(v) for v in np.asarray(mask_utils.iou([mask], others, [0] * len(others)))
+            .reshape(-1)]
+
+
+def _mask_ioa(mask: dict[str, Any], region: dict[str, Any]) -> float:
+    """Intersection over the mask's area (pycocotools' crowd IoU)."""
+    from pycocotools import mask as mask_utils
+
+    return float(np.asarray(mask_utils.iou([mask], [region], [1])).reshape(-1)[0])
 
 
 def _iou(box: tuple[float, ...], others: list[tuple[float, ...]]) -> list[float]:

@@ -16,6 +16,13 @@ works when the document root is the images root, and with the document root ``/d
 and the images under ``/data/photos`` the prefix is ``/data/local-files/?d=photos/``.
 Images served over HTTP take that server's address: ``http://host:8081/photos/``.
 
+A box with a mask (``--masks``) keeps its rectangle and gets its mask beside it: by
+default (``mask_format="rle"``) a ``brushlabels`` region holding Label Studio's own brush
+RLE (``{"format": "rle", "rle": [bytes]}``, not COCO RLE: see
+``formats.segmentation.brush_rle``), or with ``mask_format="polygon"`` one
+``polygonlabels`` region per external contour, points in percent. ``label_config.xml``
+then declares the ``BrushLabels`` or ``PolygonLabels`` tag those regions name.
+
 Images are not copied. Label Studio shows an image the way the browser decodes it, and
 browsers apply EXIF orientation by default (CSS ``image-orientation: from-image``), so
 the displayed frame the records use is the one annotators see; Label Studio users report
@@ -34,6 +41,7 @@ from typing import Any
 from urllib.parse import quote
 from xml.sax.saxutils import escape
 
+from grounding.formats import segmentation
 from grounding.formats.common import (
     ExportExists,
     ExportStats,
@@ -43,6 +51,7 @@ from grounding.formats.common import (
 )
 
 IMAGE_TAG, RECT_TAG, POINT_TAG = "image", "label", "keypoint"
+BRUSH_TAG, POLYGON_TAG = "mask", "polygon"
 POINT_WIDTH = 0.5
 """Keypoint size in percent of the image width, as Label Studio stores it."""
 
@@ -61,12 +70,17 @@ def image_url(relative: str, url_prefix: str = LOCAL_FILES_PREFIX) -> str:
 def export_labelstudio(records: Iterable[dict[str, Any]], images_root: Path,
                        class_names: list[str], out: Path, *, min_score: float | None = None,
                        url_prefix: str = LOCAL_FILES_PREFIX,
-                       overwrite: bool = False) -> ExportStats:
+                       overwrite: bool = False, mask_format: str = "rle") -> ExportStats:
     """Write ``out/tasks.json`` (streamed) and ``out/label_config.xml``; the image URLs
     are ``url_prefix`` + the path under ``images_root`` (see the module docstring). An
     ``out`` that already holds either file is refused (:class:`ExportExists`) unless
-    ``overwrite``."""
+    ``overwrite``. ``mask_format``: a box's mask as a brush region (``"rle"``) or
+    polygon regions (``"polygon"``), beside its rectangle."""
+    if mask_format not in segmentation.MASK_FORMATS:
+        raise ValueError("mask_format must be one of "
+                         f"{', '.join(segmentation.MASK_FORMATS)}, got {mask_format!r}")
     names = check_class_names(class_names)
+    any_mask = False
     images_root, out = Path(images_root), Path(out)
     for existing in (out / "tasks.json", out / "label_config.xml"):
         if not overwrite and os.path.lexists(existing):
@@ -87,6 +101,10 @@ def export_labelstudio(records: Iterable[dict[str, Any]], images_root: Path,
                          "rotation": 0, "rectanglelabels": [names[b.class_id]]}
                 result.append(_result(f"{n}-b{i}", "rectanglelabels", RECT_TAG, w, h, value,
                                       b.score))
+                if b.mask is not None:
+                    any_mask = True
+                    result += _mask_results(f"{n}-m{i}", b, names[b.class_id], item,
+                                            mask_format, stats)
             keys = zip(kept.points, kept.points_percent.tolist(), strict=True)
             for i, (p, (x, y)) in enumerate(keys):
                 value = {"x": x, "y": y, "width": POINT_WIDTH,
@@ -103,8 +121,29 @@ def export_labelstudio(records: Iterable[dict[str, Any]], images_root: Path,
             stats.images += 1
         f.write("\n]\n")
     os.replace(partial, path)
-    (out / "label_config.xml").write_text(label_config(names), encoding="utf-8")
+    masks = (BRUSH_TAG if mask_format == "rle" else POLYGON_TAG) if any_mask else None
+    (out / "label_config.xml").write_text(label_config(names, masks=masks), encoding="utf-8")
     return stats
+
+
+def _mask_results(rid: str, b: Any, name: str, item: Any, mask_format: str,
+                  stats: ExportStats) -> list[dict[str, Any]]:
+    """The box's mask as one brush region, or one polygon region per external contour
+    (none when it has no contour of 3 or more points: counted)."""
+    w, h = item.width, item.height
+    rle = segmentation.check_mask(b.mask, w, h, f"{item.relative}: box")
+    stats.masks += 1
+    mask = segmentation.decode(rle)
+    if mask_format == "rle":
+        value = {"format": "rle", "rle": segmentation.brush_rle(mask), "brushlabels": [name]}
+        return [_result(rid, "brushlabels", BRUSH_TAG, w, h, value, b.score)]
+    rings = segmentation.contours(mask)
+    if not rings:
+        stats.masks_without_polygon += 1
+    return [_result(f"{rid}-{k}", "polygonlabels", POLYGON_TAG, w, h,
+                    {"points": (ring / (w, h) * 100.0).tolist(), "closed": True,
+                     "polygonlabels": [name]}, b.score)
+            for k, ring in enumerate(rings)]
 
 
 def _result(rid: str, kind: str, from_name: str, w: int, h: int, value: dict[str, Any],
@@ -117,11 +156,16 @@ def _result(rid: str, kind: str, from_name: str, w: int, h: int, value: dict[str
     return r
 
 
-def label_config(names: list[str]) -> str:
-    """The labelling interface whose tag names the tasks refer to."""
+def label_config(names: list[str], *, masks: str | None = None) -> str:
+    """The labelling interface whose tag names the tasks refer to; ``masks``
+    (``BRUSH_TAG`` or ``POLYGON_TAG``) adds the tag the mask regions use."""
     labels = "".join(f'    <Label value="{escape(n, {chr(34): "&quot;"})}"/>\n' for n in names)
+    extra = ""
+    if masks is not None:
+        tag = "BrushLabels" if masks == BRUSH_TAG else "PolygonLabels"
+        extra = f'  <{tag} name="{masks}" toName="{IMAGE_TAG}">\n{labels}  </{tag}>\n'
     return (f'<View>\n  <Image name="{IMAGE_TAG}" value="${IMAGE_TAG}"/>\n'
             f'  <RectangleLabels name="{RECT_TAG}" toName="{IMAGE_TAG}">\n{labels}'
             f'  </RectangleLabels>\n'
             f'  <KeyPointLabels name="{POINT_TAG}" toName="{IMAGE_TAG}">\n{labels}'
-            f'  </KeyPointLabels>\n</View>\n')
+            f'  </KeyPointLabels>\n{extra}</View>\n')

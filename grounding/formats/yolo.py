@@ -16,6 +16,16 @@ empty: when the hash put every image on one side (likely for a handful of images
 image whose hash is nearest the other side moves there (deterministic too). A fraction of
 0 puts every image in train, 1 every image in val.
 YOLO detection labels hold no points: they are dropped and counted.
+
+With ``task="segment"`` the labels are Ultralytics segmentation rows,
+``class x1 y1 x2 y2 ...`` normalised, one per box that has a mask (``--masks``): the
+mask's largest external contour (``contours="largest"``, the default), or every external
+contour joined into one ring by zero-width bridges (``contours="all"``, as Ultralytics'
+own ``convert_coco`` joins a multi-part COCO object): one row is one instance to
+Ultralytics, so the parts of one object are never written as several rows. Boxes without
+a mask, and masks without a contour of 3 or more points, are left out and counted (a
+box is not an outline, and rows of both kinds in one file make Ultralytics read every
+row as a polygon). See ``formats.segmentation`` for how contours are traced.
 """
 
 from __future__ import annotations
@@ -27,6 +37,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from grounding.formats import segmentation
 from grounding.formats.common import (
     ExportStats,
     check_class_names,
@@ -46,14 +59,24 @@ from grounding.formats.dataset import (
 )
 from grounding.io.images import IMAGE_EXTENSIONS, open_header
 
+TASKS = ("detect", "segment")
+
 
 def export_yolo(records: Iterable[dict[str, Any]], images_root: Path, class_names: list[str],
                 out: Path, *, val_fraction: float = 0.2, seed: int = 0,
                 min_score: float | None = None, copy: bool = False,
-                overwrite: bool = False) -> ExportStats:
-    """Write the Ultralytics dataset under ``out``; see the module and package docstrings."""
+                overwrite: bool = False, task: str = "detect",
+                contours: str = "largest") -> ExportStats:
+    """Write the Ultralytics dataset under ``out``; see the module and package docstrings.
+    ``task="segment"`` writes segmentation labels from the boxes' masks, one polygon per
+    box: its largest contour, or with ``contours="all"`` every contour joined into one."""
     if not 0.0 <= val_fraction <= 1.0:
         raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+    if contours not in segmentation.CONTOURS:
+        raise ValueError(f"contours must be one of {', '.join(segmentation.CONTOURS)}, "
+                         f"got {contours!r}")
     names = check_class_names(class_names)
     images_root, out = Path(images_root), Path(out)
     for sub in ("images", "labels"):
@@ -79,8 +102,12 @@ def export_yolo(records: Iterable[dict[str, Any]], images_root: Path, class_name
             continue
         place_image(item, image_dst, copy=copy, stats=stats)
         kept = select(item, len(names), min_score, stats, points=False)
-        rows = [f"{b.class_id} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n"
-                for b, (cx, cy, w, h) in zip(kept.boxes, kept.xywhn.tolist(), strict=True)]
+        if task == "segment":
+            rows = _segment_rows(kept.boxes, item, contours, stats)
+        else:
+            rows = [f"{b.class_id} {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}\n"
+                    for b, (cx, cy, w, h) in zip(kept.boxes, kept.xywhn.tolist(),
+                                                 strict=True)]
         label_dst.write_text("".join(rows), encoding="utf-8")
         stats.images += 1
         counts[split] += 1
@@ -91,8 +118,30 @@ def export_yolo(records: Iterable[dict[str, Any]], images_root: Path, class_name
             if counts[empty] == 0:
                 _move(out, nearest[full][1], full, empty)
                 counts[empty], counts[full] = 1, counts[full] - 1
-    write_data_yaml(out / "data.yaml", out.resolve(), names)
+    write_data_yaml(out / "data.yaml", out.resolve(), names, task=task)
     return stats
+
+
+def _segment_rows(boxes: list[Any], item: Any, contours: str,
+                  stats: ExportStats) -> list[str]:
+    """``class x1 y1 x2 y2 ...`` normalised, one row per box with a usable mask; the
+    others are left out and counted."""
+    rows = []
+    for b in boxes:
+        if b.mask is None:
+            stats.boxes_without_mask += 1
+            continue
+        rle = segmentation.check_mask(b.mask, item.width, item.height,
+                                      f"{item.relative}: box")
+        stats.masks += 1
+        rings = segmentation.contours(segmentation.decode(rle))
+        if not rings:
+            stats.masks_without_polygon += 1
+            continue
+        ring = segmentation.joined(rings) if contours == "all" else rings[0]
+        xy = np.clip(ring / (item.width, item.height), 0.0, 1.0).reshape(-1)
+        rows.append(f"{b.class_id} " + " ".join(f"{v:.6f}" for v in xy.tolist()) + "\n")
+    return rows
 
 
 def _move(out: Path, name: str, source: str, target: str) -> None:
@@ -122,11 +171,18 @@ def is_val(relative: str, val_fraction: float, seed: int) -> bool:
     return split_value(relative, seed) < val_fraction
 
 
-def write_data_yaml(path: Path, root: Path, names: list[str]) -> None:
+def write_data_yaml(path: Path, root: Path, names: list[str], *,
+                    task: str = "detect") -> None:
     """Hand-written YAML: every string double-quoted, so no name can change its type or
-    the structure ("null", "1e3", "a: b", "# x" all stay strings)."""
+    the structure ("null", "1e3", "a: b", "# x" all stay strings). A segmentation
+    dataset says so in a comment and a ``task`` key, for people and tools that look;
+    Ultralytics itself takes the task from the model (a ``-seg`` one) or ``task=segment``,
+    not from data.yaml, and ignores the key."""
     lines = ["# written by grounding", f"path: {yaml_quote(root.as_posix())}",
              "train: images/train", "val: images/val"]
+    if task == "segment":
+        lines[1:1] = ["# segmentation labels (class x1 y1 x2 y2 ... normalised): train "
+                      "with task=segment, e.g. yolo11n-seg.pt", 'task: "segment"']
     if names:
         lines.append("names:")
         lines += [f"  {i}: {yaml_quote(n)}" for i, n in enumerate(names)]
