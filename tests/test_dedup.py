@@ -234,3 +234,22 @@ def test_the_quick_pre_check_never_hides_a_duplicate():
         exact = keep_boxes(xyxy, groups, [None] * n, iou)
         if not may_have_duplicates(boxes, groups, iou):
             assert exact.all(), (boxes, groups, iou)
+
+
+@pytest.mark.parametrize("size", [(451, 300), (4032, 3024), (300, 451)])
+def test_parse_derives_the_frame_detect_used(tmp_path, size):
+    """An answer pasted from a detect run lands where detect put it: parse derives the
+    model frame from the same pixel budget as the backends."""
+    from grounding.backends.remote import OpenAIBackend
+
+    backend = OpenAIBackend("m", base_url="http://127.0.0.1:9/v1", dialect="qwen2.5-vl")
+    try:
+        frame = backend.frame(size)
+    finally:
+        backend.close()
+    path = tmp_path / "a.txt"
+    path.write_text('[{"bbox_2d": [0, 0, 28, 28], "label": "x"}]', encoding="utf-8")
+    out = CliRunner().invoke(app, ["parse", str(path), "-d", "qwen2.5-vl", "--image-size",
+                                   f"{size[0]}x{size[1]}"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["input_size"] == list(frame)

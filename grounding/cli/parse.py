@@ -14,7 +14,7 @@ from grounding.cli.common import fail
 from grounding.core.classes import ClassMap
 from grounding.core.dialects import DIALECTS, get_dialect
 from grounding.core.errors import GroundingError
-from grounding.core.geometry import model_frame
+from grounding.core.geometry import model_frame, resolve_budget
 
 _SIZE = re.compile(r"^\s*(\d+)\s*[xX*,]\s*(\d+)\s*$")
 
@@ -41,10 +41,12 @@ def parse(
     classes: Annotated[str | None, typer.Option(
         help='Comma-separated class names, e.g. "person,car": labels get class ids.')] = None,
     min_pixels: Annotated[int | None, typer.Option(
-        help="Pixel budget used to derive --input-size (default: the dialect's processor).")
+        help="Pixel budget used to derive --input-size (default: the one detect and label "
+             "use, see README 'Pixel budget').")
     ] = None,
     max_pixels: Annotated[int | None, typer.Option(
-        help="Pixel budget used to derive --input-size (default: the dialect's processor).")
+        help="Pixel budget used to derive --input-size (default: the one detect and label "
+             "use, see README 'Pixel budget').")
     ] = None,
     dedup_iou: opt.DedupIou = None,
     no_dedup: opt.NoDedup = False,
@@ -77,10 +79,13 @@ def parse(
             fail(f"cannot read {file}: {exc}")
     try:
         if image is not None and frame is None:
-            frame = model_frame(d, *image, min_pixels=min_pixels, max_pixels=max_pixels)
+            # The budget detect and label run with, so a pasted answer lands where it did.
+            low, high = resolve_budget(d, min_pixels, max_pixels)
+            frame = model_frame(d, *image, min_pixels=low, max_pixels=high)
             if not d.is_relative:
                 typer.echo(f"note: input size {frame[0]}x{frame[1]} derived from the image "
-                           "size and the pixel budget; pass --input-size if it differs",
+                           f"size and the pixel budget detect and label use ({low:,} .. "
+                           f"{high:,} pixels); pass --input-size if the model saw another",
                            err=True)
         result = result_from_text(
             text, d, image_size=image, input_size=frame,
