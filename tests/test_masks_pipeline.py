@@ -162,3 +162,31 @@ def test_label_and_masks_commands_run_sam2_for_real(tmp_path):
     bad = runner.invoke(app, ["masks", str(tmp_path / "boxes"), "--out",
                               str(tmp_path / "x"), "--mask-model", str(tmp_path / "nope")])
     assert bad.exit_code == 2 and bad.output.count("\n") <= 2 and "--mask-model" in bad.output
+
+
+def test_a_bad_mask_model_is_one_line_and_exit_2(tmp_path):
+    from grounding.testing import tiny_checkpoint
+
+    image = tmp_path / "a.png"
+    red_image((64, 48), (10, 10, 30, 30)).save(image)
+    with LoopbackServer(handler=grounding_handler("qwen2.5-vl")) as server:
+        common = ["--classes", "red box", "--backend", "openai", "--base-url",
+                  server.base_url, "--model", "m", "--dialect", "qwen2.5-vl", "--masks"]
+        for model in (str(tmp_path / "nope"), str(tiny_checkpoint("qwen2.5-vl"))):
+            for command in (["detect", str(image)],
+                            ["label", str(tmp_path), "--out", str(tmp_path / "run")]):
+                out = CliRunner().invoke(app, [*command, *common, "--mask-model", model])
+                assert out.exit_code == 2, out.output
+                assert out.output.startswith("error: --mask-model")
+                assert "Traceback" not in out.output
+
+
+def test_yolo_segment_export_of_a_run_without_masks_is_refused(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (64, 48), "gray").save(images / "a.png")
+    label(Detector(StaticBackend()), Query.make(["object"]), images, RunDir(tmp_path / "r"))
+    out = CliRunner().invoke(app, ["export", str(tmp_path / "r"), "--format", "yolo",
+                                   "--yolo-task", "segment", "--out", str(tmp_path / "y")])
+    assert out.exit_code == 2 and "no box of" in out.output and "grounding masks" in out.output
+    assert not (tmp_path / "y").exists()

@@ -12,6 +12,7 @@ import typer
 from grounding.cli import options as opt
 from grounding.cli.backend import setup
 from grounding.cli.common import check_out_dir, fail, make_query, stderr_console
+from grounding.core.errors import GroundingError
 
 
 @opt.with_options(detection=opt.DETECTION, backend_options=opt.BACKEND)
@@ -56,7 +57,11 @@ def detect(
     query = make_query(wanted, prompt, points=points, references=reference,
                        detection=detection)
     watch = ReachWatch(engine)
-    detector = watch.watching(detection.detector(engine))
+    try:
+        segmenter = detection.segmenter(engine)
+    except GroundingError as exc:  # a bad --mask-model: one line
+        fail(exc)
+    detector = watch.watching(detection.detector(engine, segmenter))
     names = OutputNames(out, images) if out is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,11 @@ def export_runs(run_dirs: list[Path], fmt: str, out: Path, *, min_score: float |
         fail("the run directories differ in classes or images folder; export them "
              "separately")
     root = Path(roots.pop())
+    if fmt == "yolo" and yolo_task == "segment" and not any(
+            d.get("mask") for run in runs for r in run.records()
+            for d in r.get("detections") or []):
+        fail(f"--yolo-task segment: no box of {', '.join(map(str, run_dirs))} has a mask; "
+             "label with --masks, or add masks with grounding masks RUN_DIR --out NEW_RUN")
 
     def records():
         # Shards never overlap; the exporters skip (and list) a repeated image anyway.

@@ -70,7 +70,11 @@ def label(
                                     max_new_tokens=detection.max_new_tokens,
                                     json_schema=detection.json_schema,
                                     per_class=detection.per_class, need_classes=True)
-    detector = detection.detector(engine)
+    try:
+        segmenter = detection.segmenter(engine)
+    except GroundingError as exc:  # a bad --mask-model: one line
+        fail(exc)
+    detector = detection.detector(engine, segmenter)
     query = make_query(wanted, prompt, points=points, references=reference,
                        detection=detection)
     run = RunDir(out)

@@ -213,8 +213,8 @@ class DetectionOptions:
     label_key: LabelKey = None
     masks: Annotated[bool, flag(
         "--masks", help="Segment every box with SAM 2 (transformers): a COCO RLE mask per "
-                        "box in the record, drawn on overlays, exported with "
-                        "--mask-format.")] = False
+                        "box in the record, drawn on overlays; grounding export writes "
+                        "them (--mask-format, --yolo-task segment).")] = False
     mask_model: Annotated[str | None, typer.Option(
         help="--masks: the segmenter checkpoint (default facebook/sam2.1-hiera-large; any "
              "SAM 2 checkpoint transformers loads).")] = None
@@ -226,15 +226,27 @@ class DetectionOptions:
         if self.mask_model is not None and not self.masks:
             raise typer.BadParameter("--mask-model needs --masks", param_hint="--mask-model")
 
-    def detector(self, engine):
-        """The Detector running ``engine`` with these options."""
+    def segmenter(self, engine=None):
+        """The segmenter of --masks (None without it), on ``engine``'s device when it has
+        one (a local model's GPU); GroundingError (one line) when the mask model cannot
+        be loaded."""
+        if not self.masks:
+            return None
+        from grounding.backends.segment import DEFAULT_MASK_MODEL, SamSegmenter
+
+        return SamSegmenter(self.mask_model or DEFAULT_MASK_MODEL,
+                            device=getattr(engine, "device", None))
+
+    def detector(self, engine, segmenter=None):
+        """The Detector running ``engine`` with these options (and ``segmenter``, from
+        :meth:`segmenter`, with --masks)."""
         from grounding.pipeline.detector import Detector
 
         return Detector(engine, batch_size=self.batch_size, min_score=self.min_score,
                         verify=self.verify, verify_threshold=self.verify_threshold,
                         dedup_iou=dedup_iou(self.dedup_iou, self.no_dedup,
                                             self.dedup_agnostic),
-                        masks=(self.mask_model or True) if self.masks else None,
+                        masks=segmenter if self.masks else None,
                         dedup_agnostic=self.dedup_agnostic)
 
     def tiling(self):
