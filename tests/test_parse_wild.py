@@ -91,7 +91,10 @@ INVALID = {"qwen25vl_swift_finetune_three_points.txt": 1,
            "deepseekvl2_refcoco_out_of_range_99999.txt": 1,
            "deepseekvl2_refcoco_unfinished_box.txt": 1,
            "deepseekvl2_refcoco_five_numbers.txt": 1,
-           "qwen3vl_swift_finetune_no_box_placeholder.txt": 1}
+           "qwen3vl_swift_finetune_no_box_placeholder.txt": 1,
+           # Its first box [0, 50, 55, 9999] is closed (read from the cut det list) but
+           # 9999 is far outside 0-999; the runaway second box is the cut (truncated).
+           "deepseekvl2_role_prefix_unclosed_det_9999_loop.txt": 1}
 
 
 def got(parsed):
@@ -308,3 +311,107 @@ def test_named_keys_reach_the_parser_from_every_command(tmp_path):
     record = json.loads((tmp_path / "run" / "predictions.jsonl").read_text())
     assert [(d["label"], d["class_id"]) for d in record["detections"]] == [("cup", 0),
                                                                          ("plate", 1)]
+
+
+# --- only the answer is read: not the reasoning, not an echoed prompt (issue 15 review) ---
+
+DRAFT = '[{"bbox_2d": [0, 0, 50, 50], "label": "cat"}]'
+FINAL = '[{"bbox_2d": [10, 20, 110, 120], "label": "cat"}]'
+
+
+@pytest.mark.parametrize("dialect", JSON_DIALECTS)
+def test_boxes_inside_a_think_block_are_not_detections(dialect):
+    text = f"<think>Draft: {DRAFT} - no...</think>```json{FINAL}```"
+    parsed = parse(text, dialect)
+    assert got(parsed) == [B("cat", 10, 20, 110, 120)] and not parsed.truncated
+    # The opener was in the prompt (chat templates that start the reasoning themselves).
+    assert got(parse(f"Draft: {DRAFT}\n</think>\n{FINAL}", dialect)) == [
+        B("cat", 10, 20, 110, 120)]
+
+
+@pytest.mark.parametrize("dialect", JSON_DIALECTS)
+def test_an_unclosed_think_block_is_an_answer_that_never_came(dialect):
+    parsed = parse(f"<think>Maybe {DRAFT} or", dialect)
+    assert got(parsed) == [] and parsed.truncated and parsed.invalid == 0
+    tokens = parse("<think><|object_ref_start|>cat<|object_ref_end|>"
+                   "<|box_start|>(1,2),(3,4)<|box_end|>", dialect)
+    assert got(tokens) == [] and tokens.truncated
+
+
+@pytest.mark.parametrize("dialect", JSON_DIALECTS)
+def test_an_echoed_chat_prompt_is_not_the_answer(dialect):
+    templated = (f"<|im_start|>user\nAnswer like {DRAFT}<|im_end|>\n"
+                 f"<|im_start|>assistant\n{FINAL}<|im_end|>")
+    assert got(parse(templated, dialect)) == [B("cat", 10, 20, 110, 120)]
+    stripped = (f"system\nYou are a helpful assistant.\nuser\nAnswer like {DRAFT}\n"
+                f"assistant\n{FINAL}")
+    assert got(parse(stripped, dialect)) == [B("cat", 10, 20, 110, 120)]
+    # "assistant" alone on a line with no user turn before it is just a word of the answer.
+    assert got(parse(f"assistant\n{FINAL}", dialect)) == [B("cat", 10, 20, 110, 120)]
+
+
+def test_an_echoed_deepseek_user_turn_is_not_the_answer():
+    text = ("<|User|>: <|ref|>cat<|/ref|><|det|>[[1, 2, 3, 4]]<|/det|>\n"
+            "<|Assistant|>: <|ref|>cat<|/ref|><|det|>[[5, 6, 7, 8]]<|/det|>")
+    assert got(parse(text, "deepseek-vl2")) == [B("cat", 5, 6, 7, 8)]
+    qwen_vl = ("<|im_start|>user\n<ref>cat</ref><box>(1,2),(3,4)</box><|im_end|>\n"
+               "<|im_start|>assistant\n<ref>cat</ref><box>(5,6),(7,8)</box>")
+    assert got(parse(qwen_vl, "qwen-vl")) == [B("cat", 5, 6, 7, 8)]
+
+
+def test_a_cut_deepseek_det_list_keeps_its_closed_boxes():
+    cut = parse("<|ref|>cat<|/ref|><|det|>[[100,200,300,400], [500,2", "deepseek-vl2")
+    assert got(cut) == [B("cat", 100, 200, 300, 400)] and cut.truncated and cut.invalid == 0
+    broken = parse("<|ref|>cat<|/ref|><|det|>[[100,200,300,400], [12"
+                   "<|ref|>dog<|/ref|><|det|>[[1,2,3,4]]<|/det|>", "deepseek-vl2")
+    assert got(broken) == [B("cat", 100, 200, 300, 400), B("dog", 1, 2, 3, 4)]
+    assert broken.invalid == 1 and not broken.truncated
+    # A det left open with nothing closed in it is still dropped whole, never completed.
+    empty = parse("<|ref|>a<|/ref|><|det|>[[1,2<|ref|>b<|/ref|><|det|>[[5,6,7,8]]<|/det|>",
+                  "deepseek-vl2")
+    assert got(empty) == [B("b", 5, 6, 7, 8)] and empty.invalid == 1
+    stopped = parse("<|ref|>a<|/ref|><|det|>[[1,2,3,4], [5<｜end▁of▁sentence｜>", "deepseek-vl2")
+    assert got(stopped) == [B("a", 1, 2, 3, 4)] and stopped.truncated
+
+
+@pytest.mark.parametrize("dialect", JSON_DIALECTS)
+def test_objects_nested_in_an_object_are_objects_of_their_own(dialect):
+    text = ('[{"label": "person", "bbox_2d": [100, 50, 300, 600], "parts": '
+            '[{"label": "head", "bbox_2d": [150, 50, 250, 150]}]}, '
+            '{"label": "dog", "bbox_2d": [400, 400, 500, 500]}]')
+    assert got(parse(text, dialect)) == [B("person", 100, 50, 300, 600),
+                                         B("head", 150, 50, 250, 150),
+                                         B("dog", 400, 400, 500, 500)]
+    in_prose = "Found " + text[1:-1].split(", {")[0] + " and more {"
+    assert got(parse(in_prose, dialect)) == [B("person", 100, 50, 300, 600),
+                                             B("head", 150, 50, 250, 150)]
+
+
+@pytest.mark.parametrize("dialect", JSON_DIALECTS)
+def test_a_wrappers_own_numbers_are_not_an_object(dialect):
+    dog = '[{"label": "dog", "bbox": [10, 20, 110, 120]}]'
+    for wrapper in (f'{{"wh": [640, 480], "objects": {dog}}}',
+                    f'{{"counts": [3, 1, 0, 2], "objects": {dog}}}',
+                    f'{{"meta": {{"size_hint": [1, 2]}}, "counts": [3, 1, 0, 2], '
+                    f'"result": {{"objects": {dog}}}}}'):
+        parsed = parse(wrapper, dialect)
+        assert got(parsed) == [B("dog", 10, 20, 110, 120)] and parsed.invalid == 0
+    # With a label of its own the wrapper is an object too, and so is a known key's box.
+    labelled = f'{{"label": "pack", "where": [1, 2, 3, 4], "members": {dog}}}'
+    assert got(parse(labelled, dialect)) == [B("pack", 1, 2, 3, 4), B("dog", 10, 20, 110, 120)]
+    known = f'{{"bbox": [1, 2, 3, 4], "members": {dog}}}'
+    assert got(parse(known, dialect)) == [B(None, 1, 2, 3, 4), B("dog", 10, 20, 110, 120)]
+
+
+@pytest.mark.parametrize("dialect", JSON_DIALECTS)
+def test_objects_lost_to_malformed_json_are_counted_invalid(dialect):
+    good = '{"label": "c", "bbox_2d": [5, 6, 7, 8]}'
+    for broken in ('{"label": "a\nb", "bbox_2d": [1, 2, 3, 4]}',  # newline inside a string
+                   '{"label": "the "big" cat", "bbox_2d": [1, 2, 3, 4]}',  # inner quotes
+                   '{"label": "a" "bbox_2d": [1, 2, 3, 4]}'):  # a missing comma
+        parsed = parse(f"[{broken}, {good}]", dialect)
+        assert got(parsed) == [B("c", 5, 6, 7, 8)] and parsed.invalid == 1, broken
+    # An echoed format with no numbers in it is not a lost object.
+    echoed = parse('Format: {"bbox_2d": [x1, y1, x2, y2], "label": ...}. ' + f"[{good}]",
+                   dialect)
+    assert got(echoed) == [B("c", 5, 6, 7, 8)] and echoed.invalid == 0

@@ -25,11 +25,23 @@ past either edge, e.g. 9999 in 0-999) are not a box a person would read: such an
 is dropped and counted ``invalid``. Qwen2.5-VL's absolute frame has no bound known at
 parse time (values above 1000 are legal on large inputs), so it is not checked there;
 the result builder checks against the input size.
+
+Only the answer is read (:func:`answer_part`): the text of a closed ``<think>..</think>``
+block is the model's reasoning, and drafts in it are not detections; a ``</think>``
+without its opener (chat templates that put ``<think>`` in the prompt) closes reasoning
+that began at the start of the text. A ``<think>`` never closed means the answer never
+came: nothing is read after it and the answer is flagged truncated. When the text holds
+an echoed chat prompt, only what follows the last assistant turn marker is the answer
+(``<|im_start|>assistant``, DeepSeek's ``<|Assistant|>``, or, with the special tokens
+stripped, a line ``assistant`` after a line ``user``). Offsets are kept: what is not read
+is blanked, not cut.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable
 
 from grounding.parsing.json_objects import (
     json_objects_with_spans,
@@ -52,6 +64,50 @@ _VALUE_TOKEN_BOX = re.compile(
     r"(?<=:)(\s*)<\|box_start\|>\s*\(\s*([-\d.]+)\s*,\s*([-\d.]+)\s*\)\s*,\s*"
     r"\(\s*([-\d.]+)\s*,\s*([-\d.]+)\s*\)\s*<\|box_end\|>"
 )
+
+
+_ASSISTANT = re.compile(r"<\|im_start\|>assistant\b|<[|\uff5c]Assistant[|\uff5c]>"
+                        r"|^assistant[ \t]*\r?$", re.M)
+_USER_LINE = re.compile(r"^user[ \t]*\r?$", re.M)
+_THINK = re.compile(r"<think>.*?</think>", re.S)
+
+
+def answer_part(text: str) -> tuple[str, bool]:
+    """(the text with everything that is not the answer blanked out, whether a
+    ``<think>`` was left open: the answer never came). See the module docstring."""
+    if "ssistant" not in text and "think>" not in text:  # the usual answer: nothing to do
+        return text, False
+    cut = 0
+    if "ssistant" in text:
+        for m in _ASSISTANT.finditer(text):
+            if m.group(0)[0] == "<" or _USER_LINE.search(text, 0, m.start()):
+                cut = m.end()
+    if "think>" not in text:
+        return " " * cut + text[cut:], False
+    closing = text.rfind("</think>")
+    if closing >= cut and text.find("<think>", cut, closing) < 0:
+        cut = closing + len("</think>")  # reasoning whose opener was in the prompt
+    body = _THINK.sub(lambda m: " " * len(m.group(0)), text[cut:])
+    opened = body.find("<think>")
+    if opened >= 0:  # reasoning cut off: nothing after its opener is an answer
+        return " " * cut + body[:opened] + " " * (len(body) - opened), True
+    return " " * cut + body, False
+
+
+def _answer_only(parse: Callable[[str, Keys | None], ParsedOutput]
+                 ) -> Callable[[str, Keys | None], ParsedOutput]:
+    """A dialect's parser that reads only :func:`answer_part` of the text."""
+    @functools.wraps(parse)
+    def read(text: str, keys: Keys | None = None) -> ParsedOutput:
+        if "ssistant" not in text and "think>" not in text:  # answer_part's usual case
+            return parse(text, keys)
+        answer, unanswered = answer_part(text)
+        found = parse(answer, keys)
+        if unanswered and not found.truncated:
+            return ParsedOutput(found.objects, True, found.invalid)
+        return found
+
+    return read
 
 
 def _as_json_value(m: re.Match[str]) -> str:
@@ -84,6 +140,7 @@ def within_frame(found: ParsedOutput, norm: float) -> ParsedOutput:
     return ParsedOutput(kept, found.truncated, found.invalid + len(found.objects) - len(kept))
 
 
+@_answer_only
 def parse_qwen_json(text: str, keys: Keys | None = None) -> ParsedOutput:
     """Everything Qwen2.5-VL (and Qwen3-VL) write: JSON objects, XML points, QwenVL-HTML
     boxes, Qwen2-VL box tokens, then plain-text box lines and bare stripped boxes, merged
@@ -105,11 +162,13 @@ def parse_qwen_json(text: str, keys: Keys | None = None) -> ParsedOutput:
     return found
 
 
+@_answer_only
 def parse_qwen3_vl(text: str, keys: Keys | None = None) -> ParsedOutput:
     """Qwen3-VL: the syntaxes of :func:`parse_qwen_json`, in a 0-1000 frame."""
-    return within_frame(parse_qwen_json(text, keys), 1000)
+    return within_frame(parse_qwen_json.__wrapped__(text, keys), 1000)  # type: ignore[attr-defined]
 
 
+@_answer_only
 def parse_qwen2_vl(text: str, keys: Keys | None = None) -> ParsedOutput:
     """Qwen2-VL: box/quad tokens, JSON, and bare stripped boxes when nothing else (0-1000)."""
     found = _json_and_tokens(text, keys, QWEN2_VL)
@@ -118,11 +177,13 @@ def parse_qwen2_vl(text: str, keys: Keys | None = None) -> ParsedOutput:
     return within_frame(found, 1000)
 
 
+@_answer_only
 def parse_qwen_vl(text: str, keys: Keys | None = None) -> ParsedOutput:
     """Qwen-VL: ``<ref>``/``<box>``/``<quad>`` tokens (0-1000); ``keys`` does not apply."""
     return within_frame(parse_refs(text, QWEN_VL), 1000)
 
 
+@_answer_only
 def parse_deepseek_vl2(text: str, keys: Keys | None = None) -> ParsedOutput:
     """DeepSeek-VL2: ``<|ref|>``/``<|det|>`` tokens (0-999); ``keys`` does not apply."""
     return within_frame(parse_refs(text, DEEPSEEK_VL2), 999)
@@ -136,6 +197,7 @@ __all__ = [
     "ParsedOutput",
     "RawObject",
     "RefSyntax",
+    "answer_part",
     "json_objects_with_spans",
     "load_lenient",
     "parse_bare",

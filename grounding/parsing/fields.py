@@ -12,6 +12,13 @@ so a prompt's own schema -- ``position``, ``coordinates``, ``result``, a tool ca
   list of 4 numbers is a box and every list of 2 numbers a point, whatever its key; a list
   of such lists is several boxes (or points) sharing the dict's label. A dict with no
   coordinate is not an object: the dicts inside it are searched instead.
+* **Nested objects.** A dict with coordinates is an object, and the dicts it holds are
+  searched too: a person's ``parts: [{"label": "head", "bbox_2d": ..}]`` are objects of
+  their own, after the person in text order.
+* **Containers.** A dict that holds grounding objects (dicts with coordinates, at any
+  depth) is a container, not an object: its own loose number lists (``"wh": [640,
+  480]``, ``"counts": [3, 1, 0, 2]``) are read as coordinates only if it also has a label
+  of its own (by the label rule below). A known coordinate key is always read.
 * **Ambiguous numbers.** Under a key that is not a known coordinate key, four (or two)
   numbers are not read as coordinates when the key names something else
   (:data:`NOT_COORDINATE_WORDS`: ``color``, ``rgb``, ``size``, ``shape``, ``scale``,
@@ -301,7 +308,25 @@ def _rule(obj: Mapping[str, Any], start: int, label_key: str | None) -> Found | 
                 shapes.extend(found_here)
     if not shapes:
         return None
+    if len(used) < len(obj) and _is_container(obj, used, label_key):
+        return None  # a wrapper's own numbers (`wh`, `counts`) beside its objects
     return _build(obj, used, shapes, start, label_key), 0
+
+
+def _is_container(obj: Mapping[str, Any], used: list[str], label_key: str | None) -> bool:
+    """A dict without a label of its own that holds grounding objects (dicts with
+    coordinates) beside its loose number lists."""
+    held = [v for k, v in obj.items() if k not in used and (type(v) is dict or type(v) is list)]
+    return any(_holds_objects(v) for v in held) and label_of(obj, label_key)[0] is None
+
+
+def _holds_objects(value: Any) -> bool:
+    if type(value) is dict or isinstance(value, Mapping):
+        return objects_from_dict(value) is not None or any(
+            _holds_objects(v) for v in value.values())
+    if type(value) is list:
+        return any(_holds_objects(v) for v in value if type(v) is dict or type(v) is list)
+    return False
 
 
 def _with_keys(obj: Mapping[str, Any], start: int, keys: Keys) -> Found | None:

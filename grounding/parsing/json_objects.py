@@ -16,6 +16,12 @@ Keys that repeat inside one object are kept pair by pair (``object_pairs_hook``)
 as one object per group. The one exception to "only closed objects": an object cut off at
 the end of the answer whose keys repeat (a list written as one object) gives its complete
 groups, all but the last, which the cut may have shortened; the answer is flagged truncated.
+
+An object lost to malformed JSON (a literal newline or an unescaped quote inside a
+string, a missing comma) is not read but counted ``invalid``: an innermost ``{..}`` that
+does not parse, holds no object that was read, and names a coordinate key
+(:data:`~grounding.parsing.fields.COORD_KEYS`) with a number after it -- so an echoed
+format such as ``{"bbox_2d": [x1, y1, x2, y2]}`` is not counted.
 """
 
 from __future__ import annotations
@@ -25,7 +31,13 @@ import json
 import re
 from typing import Any
 
-from grounding.parsing.fields import RepeatedKeys, groups, object_pairs, objects_from_dict
+from grounding.parsing.fields import (
+    COORD_KEYS,
+    RepeatedKeys,
+    groups,
+    object_pairs,
+    objects_from_dict,
+)
 from grounding.parsing.types import Keys, ParsedOutput, RawObject
 
 _VALUE_START = "{[,:"
@@ -84,12 +96,14 @@ def json_objects_with_spans(text: str, keys: Keys | None = None
     spans: list[Span] = []
     invalid = 0
     resume = 0
+    failed: list[Span] = []
     for start in sorted(matches):
         if start < resume:
             continue
         end = matches[start]
         value = load_lenient(text[start : end + 1])
         if value is None:
+            failed.append((start, end + 1))
             continue
         found, bad, any_coords = _read(value, start, keys)
         if not any_coords:
@@ -105,12 +119,34 @@ def json_objects_with_spans(text: str, keys: Keys | None = None
                 objects.extend(found)
                 spans.append((start, len(text)))
                 resume = len(text)
+    if failed:
+        invalid += _unreadable(text, failed, spans)
     return ParsedOutput(objects=tuple(objects), truncated=truncated, invalid=invalid), spans
 
 
+_NAMES_COORDINATES = re.compile(
+    r"""["'](?:""" + "|".join(sorted(COORD_KEYS)) + r""")["']\s*:\s*[\["'\s]*[-+]?\.?\d""")
+
+
+def _unreadable(text: str, failed: list[Span], read: list[Span]) -> int:
+    """Objects lost to malformed JSON (a newline or an unescaped quote inside a string, a
+    missing comma): innermost ``{..}`` that did not parse, named a coordinate key with a
+    number after it, and hold no object that was read."""
+    count = 0
+    for i, (start, end) in enumerate(failed):
+        if i + 1 < len(failed) and failed[i + 1][0] < end:
+            continue  # not innermost: the broken object is the one inside
+        if any(start <= a < end for a, _ in read):
+            continue
+        if _NAMES_COORDINATES.search(text, start, end):
+            count += 1
+    return count
+
+
 def _read(value: Any, start: int, keys: Keys | None) -> tuple[list[RawObject], int, bool]:
-    """Objects in a parsed value at any depth: a dict with coordinates is an object (or
-    several) and is not searched further; any other dict or list is searched."""
+    """Objects in a parsed value at any depth, in text order: a dict with coordinates is
+    an object (or several), followed by the objects nested in it (``parts``, ``children``);
+    any other dict or list is searched."""
     objects: list[RawObject] = []
     invalid = 0
     any_coords = False
@@ -125,9 +161,18 @@ def _read(value: Any, start: int, keys: Keys | None) -> tuple[list[RawObject], i
                 any_coords = True
                 objects.extend(found[0])
                 invalid += found[1]
+                stack.extend(reversed(_nested(v)))
         elif isinstance(v, list):
             stack.extend(reversed(v))
     return objects, invalid, any_coords
+
+
+def _nested(obj: dict) -> list[Any]:
+    """The values of an object that may hold objects of their own: dicts, and lists that
+    are not plain numbers (coordinates)."""
+    return [x for x in obj.values()
+            if type(x) is dict or (type(x) is list and x and (type(x[0]) is dict
+                                                             or type(x[0]) is list))]
 
 
 def _cut_repeated(text: str, start: int, keys: Keys | None) -> list[RawObject]:
@@ -201,6 +246,10 @@ def _parse_whole(text: str, keys: Keys | None) -> tuple[ParsedOutput, list[Span]
             else:
                 objects.extend(found[0])
                 invalid += found[1]
+                if len(item) > 2 and (nested := _nested(item)):
+                    more, bad, _ = _read(nested, first, keys)
+                    objects.extend(more)
+                    invalid += bad
     else:
         objects, invalid, _ = _read(value, first, keys)
     if not objects and not invalid:

@@ -52,11 +52,15 @@ def _compile(syntax: RefSyntax) -> re.Pattern[str]:
     ref_open, ref_close = map(re.escape, syntax.ref)
     parts = [
         f"{ref_open}(?P<ref>(?:(?!{ref_open}|{re.escape(syntax.box[0])}).)*?){ref_close}",
-        f"{re.escape(syntax.box[0])}(?P<box>[^<]*){re.escape(syntax.box[1])}",
+        # A box run never closed (up to the next token or the end): ``open`` matches "".
+        f"{re.escape(syntax.box[0])}(?P<box>[^<]*)(?:{re.escape(syntax.box[1])}|(?P<open>))",
     ]
     if syntax.quad:
         parts.append(f"{re.escape(syntax.quad[0])}(?P<quad>[^<]*){re.escape(syntax.quad[1])}")
     return re.compile("|".join(parts), re.S)
+
+
+_GROUP = re.compile(r"\[([^\[\]]*)\]")
 
 
 _PATTERNS: dict[RefSyntax, re.Pattern[str]] = {}
@@ -71,7 +75,8 @@ def parse_refs(text: str, syntax: RefSyntax, *, bare_fallback: bool = False) -> 
 
     Broken runs: an opening token with no closing token before the next token is dropped
     (never completed): counted ``invalid``, or ``truncated`` when it is the end of the
-    text. A reference with no box after it (an echoed prompt) labels nothing; role
+    text; the ``[..]`` groups it closed before the break are still read (:func:`_open_run`).
+    A reference with no box after it (an echoed prompt) labels nothing; role
     prefixes and end tokens (``<|Assistant|>:``, ``<|im_end|>``, ``<|endoftext|>``,
     ``<｜end▁of▁sentence｜>``) are not runs and are ignored.
     """
@@ -82,13 +87,19 @@ def parse_refs(text: str, syntax: RefSyntax, *, bare_fallback: bool = False) -> 
     objects: list[RawObject] = []
     invalid = 0
     label: str | None = None
-    runs = 0
+    quads = 0
     for m in pattern.finditer(text):
         if m.group("ref") is not None:
             label = clean_label(m.group("ref"))
             continue
-        runs += 1
+        if m.group("open") is not None:
+            last = m.start() == text.rfind(syntax.box[0]) > text.rfind(syntax.box[1])
+            found, bad = _open_run(m.group("box"), label, m.start(), last)
+            objects.extend(found)
+            invalid += bad
+            continue
         quad = m.groupdict().get("quad")
+        quads += quad is not None
         values = [float(n) for n in NUMBER.findall(m.group("box") if quad is None else quad)]
         if quad is not None:
             if len(values) != 8:
@@ -105,9 +116,34 @@ def parse_refs(text: str, syntax: RefSyntax, *, bare_fallback: bool = False) -> 
         else:
             invalid += 1
     truncated = _cut_inside(text, syntax)
-    openers = text.count(syntax.box[0]) + (text.count(syntax.quad[0]) if syntax.quad else 0)
-    broken = openers - runs - (1 if truncated and _open_at_end(text, syntax) else 0)
+    # Box openers are all runs (closed or open); a quad opener with no closer is not.
+    broken = (text.count(syntax.quad[0]) - quads) if syntax.quad else 0
+    broken -= 1 if truncated and syntax.quad and _open_at_end(text, syntax.quad) else 0
     return ParsedOutput(tuple(objects), truncated=truncated, invalid=invalid + max(broken, 0))
+
+
+def _open_run(body: str, label: str | None, start: int, at_end: bool
+              ) -> tuple[list[RawObject], int]:
+    """A box run whose closing token never came (DeepSeek-VL2's ``[[..], [..`` list): each
+    ``[..]`` group the model closed is read (four numbers a box, two a point, else
+    invalid); what follows the last closed group is dropped, counted invalid unless this
+    is the last run of the text (then the answer was cut off: flagged truncated). Without
+    ``[..]`` groups (Qwen-VL's ``(x1,y1),(x2,y2)``) the whole run is what was cut."""
+    objects: list[RawObject] = []
+    invalid = 0
+    tail = None
+    for g in _GROUP.finditer(body):
+        values = [float(n) for n in NUMBER.findall(g.group(1))]
+        if len(values) == 4:
+            objects.append(RawObject("box", tuple(values), label, {}, start=start))
+        elif len(values) == 2:
+            objects.append(RawObject("point", tuple(values), label, {}, start=start))
+        else:
+            invalid += 1
+        tail = body[g.end():]
+    if not at_end and (tail is None or NUMBER.search(tail)):
+        invalid += 1  # the run was dropped: something after it, so not a cut
+    return objects, invalid
 
 
 def parse_bare(text: str) -> ParsedOutput:
@@ -122,10 +158,9 @@ def parse_bare(text: str) -> ParsedOutput:
     return ParsedOutput(tuple(objects), truncated=truncated)
 
 
-def _open_at_end(text: str, syntax: RefSyntax) -> bool:
-    """The last box (or quad) opener has no closer after it: the cut-off run."""
-    pairs = [syntax.box, *([syntax.quad] if syntax.quad else [])]
-    return any(text.rfind(open_) > text.rfind(close) for open_, close in pairs)
+def _open_at_end(text: str, pair: tuple[str, str]) -> bool:
+    """The last opener of ``pair`` has no closer after it: the cut-off run."""
+    return text.rfind(pair[0]) > text.rfind(pair[1])
 
 
 def _cut_inside(text: str, syntax: RefSyntax) -> bool:
