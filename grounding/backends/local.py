@@ -6,6 +6,7 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
@@ -86,6 +87,27 @@ def resolve_model(model: str) -> tuple[str, bool]:
     return model, not hub_reachable()
 
 
+def load_config(auto_config: Any, model: str, source: str, offline: bool, *,
+                option: str = "--model", what: str = "model",
+                hint: Callable[[str, BaseException], str] | None = None) -> Any:
+    """The transformers config of ``model`` (resolved to ``source``), or ModelLoadError
+    in one line naming ``option``: a directory without a readable config.json, a model
+    not in the cache while the hub is out of reach, anything else with ``hint``."""
+    try:
+        return auto_config.from_pretrained(source, local_files_only=offline)
+    except (OSError, ValueError, KeyError) as exc:
+        if os.path.isdir(source):
+            raise ModelLoadError(f"{option} {model}: not a transformers checkpoint "
+                                 "directory (no readable config.json)") from None
+        if offline:
+            raise ModelLoadError(
+                f"cannot load {what} {model!r}: it is not in the local cache and the hub is "
+                "offline or unreachable; download it where the hub is reachable "
+                f"(`hf download {model}`) or point {option} at a checkpoint directory"
+            ) from None
+        raise ModelLoadError((hint or _load_hint)(model, exc)) from None
+
+
 class LocalBackend:
     """Holds one loaded model and processor; see :class:`grounding.backends.Backend`.
 
@@ -131,19 +153,7 @@ class LocalBackend:
 
         from grounding.backends.token_scores import TokenTexts
 
-        try:
-            config = AutoConfig.from_pretrained(source, local_files_only=offline)
-        except (OSError, ValueError, KeyError) as exc:
-            if os.path.isdir(source):
-                raise ModelLoadError(f"--model {self.model}: not a transformers checkpoint "
-                                     "directory (no readable config.json)") from None
-            if offline:
-                raise ModelLoadError(
-                    f"cannot load model {self.model!r}: it is not in the local cache and the "
-                    "hub is offline or unreachable; download it where the hub is reachable "
-                    f"(`hf download {self.model}`) or point --model at a checkpoint "
-                    "directory") from None
-            raise ModelLoadError(_load_hint(self.model, exc)) from None
+        config = load_config(AutoConfig, self.model, source, offline)
         try:
             self.dialect = get_dialect(dialect or config.model_type)
         except ValueError:

@@ -32,14 +32,13 @@ How it runs (the accounting tests/test_segment.py checks):
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from grounding.backends.local import ModelLoadError, resolve_model
+from grounding.backends.local import ModelLoadError, load_config, resolve_model
 from grounding.backends.placement import Machine, check_device, plan
 from grounding.core.masks import area, encode, mask_check
 
@@ -114,20 +113,8 @@ class SamSegmenter:
         self.placement = plan(Machine.probe(), device, dtype)
         from transformers import AutoConfig
 
-        try:
-            config = AutoConfig.from_pretrained(source, local_files_only=offline)
-        except (OSError, ValueError, KeyError) as exc:
-            if os.path.isdir(source):
-                raise ModelLoadError(f"--mask-model {self.model}: not a transformers "
-                                     "checkpoint directory (no readable config.json)") from None
-            if offline:
-                raise ModelLoadError(
-                    f"cannot load mask model {self.model!r}: it is not in the local cache and "
-                    "the hub is offline or unreachable; download it where the hub is "
-                    f"reachable (`hf download {self.model}`) or point --mask-model at a "
-                    "checkpoint directory") from None
-            text = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).rstrip(".")
-            raise ModelLoadError(f"cannot load mask model {self.model!r}: {text}") from None
+        config = load_config(AutoConfig, self.model, source, offline,
+                             option="--mask-model", what="mask model", hint=_mask_hint)
         self.model_type = str(getattr(config, "model_type", ""))
         if self.model_type not in MASK_MODEL_TYPES:
             raise ModelLoadError(
@@ -140,8 +127,7 @@ class SamSegmenter:
                 source, local_files_only=offline, dtype=self.placement.torch_dtype(),
                 device_map=self.placement.device_map)
         except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
-            text = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).rstrip(".")
-            raise ModelLoadError(f"cannot load mask model {self.model!r}: {text}") from None
+            raise ModelLoadError(_mask_hint(self.model, exc)) from None
         self.net.eval()
         self.device = self.placement.device
         if not self.placement.on_gpu:
@@ -200,3 +186,8 @@ class SamSegmenter:
 
 _POSTPROCESS_CHUNK = 16
 """Boxes upsampled to full image size at once (bounds the full-size masks in memory)."""
+
+
+def _mask_hint(model: str, exc: BaseException) -> str:
+    text = (str(exc).splitlines()[0] if str(exc) else type(exc).__name__).rstrip(".")
+    return f"cannot load mask model {model!r}: {text}"
