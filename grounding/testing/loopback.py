@@ -1018,8 +1018,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     kind = "scene, " if args.scene else ""
-    print(f"loopback server ({kind}{dialect.name}, model {model}) at {server.base_url}; "
-          "Ctrl-C stops it", flush=True)
+    # Nothing glued to the URL: a double-click copies it whole.
+    print(f"loopback server ({kind}{dialect.name}, model {model}) at {server.base_url} "
+          "(Ctrl-C stops it)", flush=True)
     try:
         while not stop.wait(0.5):
             pass
