@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from grounding.cli import options as opt
-from grounding.cli.common import fail
+from grounding.cli.common import check_out_dir, fail
 from grounding.core.errors import GroundingError
 
 
@@ -44,8 +44,7 @@ def merge(
     """
     from grounding.runs.merge import merge_runs
 
-    if out.exists() and not out.is_dir():
-        fail(f"--out {out} is a file, not a directory")
+    check_out_dir(out)
     try:
         summary = merge_runs(runs, out, method=method.strip().lower(), iou=iou,
                              min_votes=min_votes, force=force)

@@ -165,6 +165,6 @@ def result_from_text(
     read boxes, points and labels when a prompt of one's own named them
     (grounding.parsing.Keys)."""
     d = get_dialect(dialect)
-    parsed = d.parse(text, keys) if keys else d.parse(text)
+    parsed = d.parse(text, keys)
     return build_result(parsed, d, image_size=image_size, input_size=input_size,
                         classes=classes, raw=text, **kwargs)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+from collections.abc import Iterator
 from typing import Any
 
 from grounding.parsing.fields import (
@@ -195,12 +196,14 @@ def _cut_repeated(text: str, start: int, keys: Keys | None) -> list[RawObject]:
     return []
 
 
-def _top_level_commas(body: str) -> list[int]:
-    depth = 0
+def outside_strings(text: str, start: int = 0) -> Iterator[tuple[int, str]]:
+    """(index, character) of each character of ``text`` from ``start`` that is not inside
+    a quoted string ("..." or '...', backslash escapes honoured; the quotes themselves
+    are not yielded): what bracket counting looks at."""
     quote: str | None = None
     escaped = False
-    out = []
-    for i, c in enumerate(body):
+    for i in range(start, len(text)):
+        c = text[i]
         if quote is not None:
             if escaped:
                 escaped = False
@@ -210,7 +213,15 @@ def _top_level_commas(body: str) -> list[int]:
                 quote = None
         elif c in "\"'":
             quote = c
-        elif c in "{[":
+        else:
+            yield i, c
+
+
+def _top_level_commas(body: str) -> list[int]:
+    depth = 0
+    out = []
+    for i, c in outside_strings(body):
+        if c in "{[":
             depth += 1
         elif c in "}]":
             depth -= 1

@@ -27,7 +27,7 @@ from grounding.core.errors import GroundingError
 from grounding.core.result import Result, register_view
 from grounding.io.images import ImageSource
 from grounding.io.records import pick_record
-from grounding.parsing import load_lenient
+from grounding.parsing.json_objects import load_lenient, outside_strings
 from grounding.pipeline.crops import DEFAULT_CONTEXT, DEFAULT_MIN_SIDE, crop_with_context, image_for
 from grounding.pipeline.requests import run_requests
 
@@ -42,20 +42,8 @@ def first_object(text: str) -> dict[str, Any] | None:
     start = text.find("{")
     while start >= 0:
         depth = 0
-        quote: str | None = None
-        escaped = False
-        for end in range(start, len(text)):
-            c = text[end]
-            if quote is not None:
-                if escaped:
-                    escaped = False
-                elif c == "\\":
-                    escaped = True
-                elif c == quote:
-                    quote = None
-            elif c in "\"'":
-                quote = c
-            elif c == "{":
+        for end, c in outside_strings(text, start):
+            if c == "{":
                 depth += 1
             elif c == "}":
                 depth -= 1

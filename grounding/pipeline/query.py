@@ -130,7 +130,7 @@ class Query:
 
     def parse(self, dialect: Dialect, text: str):
         """An answer to this query read in ``dialect``, with the query's keys."""
-        return dialect.parse(text, self.keys) if self.keys else dialect.parse(text)
+        return dialect.parse(text, self.keys)
 
     def request(self, image: Image.Image, text: str) -> Request:
         return Request(image, text, self.system, self.task, references=self.references)
