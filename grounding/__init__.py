@@ -21,6 +21,7 @@ from grounding.pipeline.qa import ask  # also lends Result.ask
 from grounding.pipeline.verify import verify
 from grounding.runs.labeling import label
 from grounding.runs.merge import merge_runs
+from grounding.runs.ray_engine import RayEngine
 from grounding.runs.rundir import RunDir
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "Point",
     "Query",
     "RawObject",
+    "RayEngine",
     "Result",
     "RunDir",
     "Tiling",

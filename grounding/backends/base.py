@@ -79,6 +79,29 @@ class Generation:
     (grounding.core.repetition). The objects written before are still read."""
 
 
+@dataclass(frozen=True)
+class BackendSpec:
+    """A backend's settings without its model: what planning the requests about an image
+    (:meth:`frame`) and recording a run need. A driver whose model runs in other
+    processes (the Ray engine) holds one; it cannot answer a request."""
+
+    model: str
+    dialect: Dialect
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    max_new_tokens: int = 2048
+    stop_repeats: int = 0
+
+    def frame(self, image_size: Size) -> Size:
+        from grounding.core.geometry import model_frame
+
+        return model_frame(self.dialect, *image_size, min_pixels=self.min_pixels,
+                           max_pixels=self.max_pixels)
+
+    def generate(self, requests: list[Request]) -> list[Generation | Exception]:
+        raise TypeError(f"{self.model} is described here, not loaded: it runs elsewhere")
+
+
 @runtime_checkable
 class Backend(Protocol):
     model: str

@@ -12,7 +12,13 @@ from typing import Any
 
 from PIL import Image
 
-from grounding.backends.base import TOP_LOGPROBS, Generation, Request, alternatives
+from grounding.backends.base import (
+    TOP_LOGPROBS,
+    BackendSpec,
+    Generation,
+    Request,
+    alternatives,
+)
 from grounding.backends.options import DEFAULT_MODEL as DEFAULT_MODEL  # re-exported
 from grounding.backends.options import LocalOptions
 from grounding.backends.placement import Machine, check_device, plan
@@ -108,6 +114,25 @@ def load_config(auto_config: Any, model: str, source: str, offline: bool, *,
         raise ModelLoadError((hint or _load_hint)(model, exc)) from None
 
 
+def _dialect(model: str, dialect: str | Dialect | None, source: str, offline: bool) -> Dialect:
+    """The dialect the local backend runs ``model`` in: ``dialect``, else the checkpoint's
+    model type; ModelLoadError when that is no dialect or one the local backend cannot run."""
+    from transformers import AutoConfig
+
+    config = load_config(AutoConfig, model, source, offline)
+    try:
+        found = get_dialect(dialect or config.model_type)
+    except ValueError:
+        raise ModelLoadError(
+            f"model {model!r} is a {config.model_type!r}, not a grounding dialect; "
+            "pass --dialect to say how it writes boxes"
+        ) from None
+    if found.factor is None:
+        raise ModelLoadError(f"the local backend runs Qwen2/2.5/3-VL; {found.name} "
+                             "models are reached through a server (--backend openai)")
+    return found
+
+
 class LocalBackend:
     """Holds one loaded model and processor; see :class:`grounding.backends.Backend`.
 
@@ -149,21 +174,11 @@ class LocalBackend:
         check_device(device)
         source, offline = resolve_model(self.model)
         self.placement = plan(Machine.probe(), device, dtype, attn_implementation)
-        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
         from grounding.backends.token_scores import TokenTexts
 
-        config = load_config(AutoConfig, self.model, source, offline)
-        try:
-            self.dialect = get_dialect(dialect or config.model_type)
-        except ValueError:
-            raise ModelLoadError(
-                f"model {self.model!r} is a {config.model_type!r}, not a grounding dialect; "
-                "pass --dialect to say how it writes boxes"
-            ) from None
-        if self.dialect.factor is None:
-            raise ModelLoadError(f"the local backend runs Qwen2/2.5/3-VL; {self.dialect.name} "
-                                 "models are reached through a server (--backend openai)")
+        self.dialect = _dialect(self.model, dialect, source, offline)
         if not self.placement.on_gpu:
             log.warning("grounding: no GPU in use, running %s on the CPU (slow)", self.model)
         try:
@@ -196,6 +211,25 @@ class LocalBackend:
         self.eos_ids = {eos} if isinstance(eos, int) else set(eos)
         self.eos_ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
         self.pad_id = tokenizer.pad_token_id
+
+    @staticmethod
+    def describe(model: str = LocalOptions.model, *,
+                 dialect: str | Dialect | None = LocalOptions.dialect,
+                 min_pixels: int | None = LocalOptions.min_pixels,
+                 max_pixels: int | None = LocalOptions.max_pixels,
+                 max_new_tokens: int = LocalOptions.max_new_tokens,
+                 stop_repeats: int = LocalOptions.stop_repeats, **_: Any) -> BackendSpec:
+        """What ``LocalBackend(model, ...)`` would be, read from the checkpoint's config
+        alone (no weights, no device): a driver that plans and records a run whose model
+        runs elsewhere (the Ray engine's workers) needs the dialect and pixel budget, and
+        must fail here, in one line, on a model that cannot be had. Options that only
+        place the model (device, dtype) are ignored."""
+        check_repeats(stop_repeats)
+        source, offline = resolve_model(str(model))
+        found = _dialect(str(model), dialect, source, offline)
+        low, high = resolve_budget(found, min_pixels, max_pixels)
+        return BackendSpec(model=str(model), dialect=found, min_pixels=low, max_pixels=high,
+                           max_new_tokens=max_new_tokens, stop_repeats=stop_repeats)
 
     @property
     def digit_ids(self) -> frozenset[int]:

@@ -87,6 +87,32 @@ def _classes(model_type: str) -> tuple[Any, Any]:
     return Sam3TrackerModel, Sam3TrackerProcessor
 
 
+@dataclass(frozen=True)
+class SegmenterSpec:
+    """A mask model named and checked, not loaded (see :meth:`SamSegmenter.describe`)."""
+
+    model: str
+
+
+def _mask_model(model: str) -> tuple[str, bool, str]:
+    """(source, offline, model type) of a mask checkpoint; ModelLoadError in one line
+    naming --mask-model when it cannot be had or is not a box-promptable SAM."""
+    try:
+        source, offline = resolve_model(model)
+    except ModelLoadError as exc:
+        raise ModelLoadError(str(exc).replace("--model", "--mask-model", 1)) from None
+    from transformers import AutoConfig
+
+    config = load_config(AutoConfig, model, source, offline,
+                         option="--mask-model", what="mask model", hint=_mask_hint)
+    model_type = str(getattr(config, "model_type", ""))
+    if model_type not in MASK_MODEL_TYPES:
+        raise ModelLoadError(
+            f"--mask-model {model}: a {model_type or 'unknown'!r} checkpoint, "
+            f"not a box-promptable SAM ({', '.join(MASK_MODEL_TYPES)})")
+    return source, offline, model_type
+
+
 class SamSegmenter:
     """A loaded SAM 2 (or SAM 3 tracker) model and processor; see the module docstring.
 
@@ -99,6 +125,14 @@ class SamSegmenter:
     :class:`~grounding.backends.local.ModelLoadError` line.
     """
 
+    @staticmethod
+    def describe(model: str = DEFAULT_MASK_MODEL) -> SegmenterSpec:
+        """The mask model checked from its config alone (no weights): what a driver whose
+        segmenter runs elsewhere (the Ray engine's workers) records, failing here in one
+        line on a checkpoint that is missing or not a box-promptable SAM."""
+        _mask_model(str(model))
+        return SegmenterSpec(str(model))
+
     def __init__(self, model: str = DEFAULT_MASK_MODEL, *, device: str | None = None,
                  dtype: str | None = "float32", batch_size: int = 8) -> None:
         self.model = str(model)
@@ -106,20 +140,8 @@ class SamSegmenter:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.batch_size = batch_size
         check_device(device)
-        try:
-            source, offline = resolve_model(self.model)
-        except ModelLoadError as exc:
-            raise ModelLoadError(str(exc).replace("--model", "--mask-model", 1)) from None
         self.placement = plan(Machine.probe(), device, dtype)
-        from transformers import AutoConfig
-
-        config = load_config(AutoConfig, self.model, source, offline,
-                             option="--mask-model", what="mask model", hint=_mask_hint)
-        self.model_type = str(getattr(config, "model_type", ""))
-        if self.model_type not in MASK_MODEL_TYPES:
-            raise ModelLoadError(
-                f"--mask-model {self.model}: a {self.model_type or 'unknown'!r} checkpoint, "
-                f"not a box-promptable SAM ({', '.join(MASK_MODEL_TYPES)})")
+        source, offline, self.model_type = _mask_model(self.model)
         model_cls, processor_cls = _classes(self.model_type)
         try:
             self.processor = processor_cls.from_pretrained(source, local_files_only=offline)

@@ -36,12 +36,14 @@ def check_budget(min_pixels: int | None, max_pixels: int | None, dialect: Any = 
             f"({d.factor}x{d.factor} = {d.factor * d.factor} pixels)")
 
 
-def make_backend(kind: str, *, max_new_tokens: int, json_schema: bool, **options: Any):
+def make_backend(kind: str, *, max_new_tokens: int, json_schema: bool,
+                 describe: bool = False, **options: Any):
     """The backend the command-line options describe: ``options`` are the backend
     options by parameter name (grounding.cli.options.BACKEND), --backend aside. The pixel
     budget is checked before the backend is built (and, once the backend knows its
     dialect, against that dialect's smallest frame), so a budget no image fits is one
-    error up front, not one per image."""
+    error up front, not one per image. ``describe``: a local model is described from its
+    config (grounding.backends.base.BackendSpec), not loaded: it runs elsewhere."""
     if kind not in BACKENDS:
         raise typer.BadParameter("expected local or openai", param_hint="--backend")
     values = {**options, "max_new_tokens": max_new_tokens, "json_schema": json_schema}
@@ -51,7 +53,7 @@ def make_backend(kind: str, *, max_new_tokens: int, json_schema: bool, **options
         from grounding.backends.local import LocalBackend
 
         settings["model"] = settings["model"] or LocalOptions.model
-        backend = LocalBackend(**settings)
+        backend = LocalBackend.describe(**settings) if describe else LocalBackend(**settings)
     else:
         if not settings["base_url"]:
             raise typer.BadParameter("--backend openai needs --base-url",
@@ -82,20 +84,31 @@ def _headers(items: list[str] | None) -> dict[str, str]:
     return headers
 
 
-def engine(options: dict[str, Any], *, max_new_tokens: int, json_schema: bool):
+def engine(options: dict[str, Any], *, max_new_tokens: int, json_schema: bool,
+           describe: bool = False):
     """The backend a command's options describe; exits 2 with one line when it cannot be
     had (a missing model, an unreachable server, a bad option value)."""
     settings = {k: v for k, v in options.items() if k != "backend"}
     try:
         return make_backend(options["backend"], max_new_tokens=max_new_tokens,
-                            json_schema=json_schema, **settings)
+                            json_schema=json_schema, describe=describe, **settings)
     except (GroundingError, ValueError) as exc:
         fail(exc)
 
 
+def build_detector(options: dict[str, Any], detection: Any, *, max_new_tokens: int,
+                   json_schema: bool):
+    """The Detector a command's options describe, built where it runs (a Ray worker:
+    ``functools.partial`` of this pickles); raises GroundingError or ValueError."""
+    settings = {k: v for k, v in options.items() if k != "backend"}
+    backend = make_backend(options["backend"], max_new_tokens=max_new_tokens,
+                           json_schema=json_schema, **settings)
+    return detection.detector(backend, detection.segmenter(backend))
+
+
 def setup(options: dict, classes: str | None, ontology: Path | None, prompt: str | None,
           *, max_new_tokens: int, json_schema: bool, need_classes: bool = False,
-          per_class: bool | None = None):
+          per_class: bool | None = None, describe: bool = False):
     """(backend, classes-or-ontology, ontology dict) from a command's options; exits 2 with
     one line on a bad option, a missing model or an unreachable server."""
     from grounding.pipeline.detector import load_ontology
@@ -118,5 +131,6 @@ def setup(options: dict, classes: str | None, ontology: Path | None, prompt: str
         mapping = load_ontology(ontology) if ontology is not None else None
     except GroundingError as exc:
         fail(exc)
-    backend = engine(options, max_new_tokens=max_new_tokens, json_schema=json_schema)
+    backend = engine(options, max_new_tokens=max_new_tokens, json_schema=json_schema,
+                     describe=describe)
     return backend, mapping if mapping is not None else classes, mapping

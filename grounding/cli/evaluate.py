@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -35,7 +36,9 @@ def evaluate_cmd(
     from grounding.core.result import InvalidResult
     from grounding.formats.dataset import DatasetError
     from grounding.formats.evaluate import evaluate
+    from grounding.io.storage import is_uri
     from grounding.runs.rundir import RunDir
+    from grounding.runs.sources import image_base
 
     if iou_type not in ("bbox", "segm"):
         fail(f"--iou-type {iou_type!r}: choose from bbox, segm")
@@ -48,9 +51,11 @@ def evaluate_cmd(
         fail(f"{run.run_json} has no images_dir: is {run_dir} a grounding label run?")
     if not gt.exists():
         fail(f"ground truth {gt}: no such file or folder")
+    base = image_base(config["images_dir"])  # a list's folder; a URI stays one
     try:
-        report = evaluate(run.records(), config.get("classes") or [], gt,
-                          images_root=Path(config["images_dir"]), iou_type=iou_type)
+        report = evaluate(_export_names(run.records(), base), config.get("classes") or [],
+                          gt, images_root=None if is_uri(base) else Path(base),
+                          iou_type=iou_type)
     except DatasetError as exc:  # names the ground-truth file
         fail(exc)
     except InvalidResult as exc:  # names the record's image
@@ -80,3 +85,15 @@ def evaluate_cmd(
         from rich.console import Console
 
         Console().print(report.table())
+
+
+def _export_names(records: Iterable[dict[str, Any]], base: str) -> Iterator[dict[str, Any]]:
+    """Each record named as the exports name its image (relative to the images folder;
+    a URI or a path outside it without its scheme or anchor: formats.common.locate), so
+    a run over a list or a bucket matches a ground truth made from its export."""
+    from grounding.formats.common import locate
+
+    for record in records:
+        image = record.get("image")
+        found = locate(image, base) if isinstance(image, str) and image else None
+        yield record if found is None or found[0] == image else {**record, "image": found[0]}

@@ -35,6 +35,7 @@ def export_runs(run_dirs: list[Path], fmt: str, out: Path, *, min_score: float |
     from grounding.formats import ExportExists, export_coco, export_labelstudio, export_yolo
     from grounding.formats.labelstudio import LOCAL_FILES_PREFIX
     from grounding.runs.rundir import RunDir
+    from grounding.runs.sources import image_base
 
     runs = [RunDir(p) for p in run_dirs]
     try:
@@ -46,7 +47,7 @@ def export_runs(run_dirs: list[Path], fmt: str, out: Path, *, min_score: float |
     if any((c.get("classes") or []) != classes for c in configs) or len(roots) != 1:
         fail("the run directories differ in classes or images folder; export them "
              "separately")
-    root = Path(roots.pop())
+    root = image_base(roots.pop())  # a list's folder; a URI stays a URI
     if fmt == "yolo" and yolo_task == "segment" and not any(
             d.get("mask") for run in runs for r in run.records()
             for d in r.get("detections") or []):

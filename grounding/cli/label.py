@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -17,9 +19,12 @@ from grounding.core.errors import GroundingError
 
 @opt.with_options(detection=opt.DETECTION, backend_options=opt.BACKEND)
 def label(
-    images_dir: Annotated[Path, typer.Argument(
-        help="Folder of images (searched recursively; grounding's own output in it is "
-             "skipped).")],
+    images: Annotated[str, typer.Argument(
+        metavar="IMAGES",
+        help="A folder of images (searched recursively; grounding's own output in it is "
+             "skipped), a list of image paths (.txt, .jsonl or .parquet), or either on "
+             "object storage (s3://bucket/prefix, gs://..., anything pyarrow or fsspec "
+             "reads).")],
     out: Annotated[Path, typer.Option("--out", help="Run directory (created or resumed).")],
     classes: opt.Classes = None,
     ontology: opt.Ontology = None,
@@ -39,6 +44,22 @@ def label(
     force: Annotated[bool, opt.flag(
         "--force", help="Start over if the configuration changed (old files are kept, "
                         "renamed).")] = False,
+    engine: Annotated[str, typer.Option(
+        "--engine", help="Where the model runs: local (this process) or ray (a pool of "
+                         "workers on a Ray cluster; pip install 'grounding[ray]'). A run "
+                         "resumes under either.")] = "local",
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="ray: the cluster to join (auto: the one `ray start` runs "
+                              "here; host:6379; ray://host:10001). Default: RAY_ADDRESS, "
+                              "else a new Ray on this machine.")] = None,
+    workers: Annotated[int | None, typer.Option(
+        "--workers", min=1, help="ray: workers in the pool (default: one per GPU with the "
+                                 "local backend; with a server, one per 8 of its "
+                                 "--concurrency, which they share).")] = None,
+    gpus_per_worker: Annotated[float | None, typer.Option(
+        "--gpus-per-worker", min=0, help="ray: GPUs each worker holds (default 1 with the "
+                                         "local backend on a cluster with GPUs, else 0)."
+    )] = None,
     detection: opt.DetectionOptions | None = None,
     backend_options: dict | None = None,
 ) -> None:
@@ -50,39 +71,50 @@ def label(
     and RUN_DIR/summary.json. Run the same command again after a crash, Ctrl-C or kill
     -9: only what is missing is labelled. The run directory, other runs and exported
     datasets inside the images folder are never labelled. A server that cannot be
-    reached stops the run at its first requests, recording nothing.
+    reached stops the run at its first requests, recording nothing. With --engine ray
+    the same run is spread over a Ray cluster's workers (README: "Labelling on a Ray
+    cluster").
     """
-    from grounding.runs.labeling import NoImagesError, check_images_dir
     from grounding.runs.labeling import label as run_label
     from grounding.runs.rundir import RunDir, parse_shard
+    from grounding.runs.sources import open_images
 
     formats = parse_formats(format)
     try:
         shard_ix = parse_shard(shard)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--shard") from None
+    on_ray = _engine(engine, ray_address, workers, gpus_per_worker)
     check_out_dir(out)
     try:  # before the model is loaded: a mistyped folder costs one line, not a load
-        check_images_dir(images_dir, [out])
-    except NoImagesError as exc:
+        image_set = open_images(images, [out])
+    except GroundingError as exc:
         fail(exc)
-    engine, wanted, mapping = setup(backend_options, classes, ontology, prompt,
-                                    max_new_tokens=detection.max_new_tokens,
-                                    json_schema=detection.json_schema,
-                                    per_class=detection.per_class, need_classes=True)
+    backend, wanted, mapping = setup(backend_options, classes, ontology, prompt,
+                                     max_new_tokens=detection.max_new_tokens,
+                                     json_schema=detection.json_schema,
+                                     per_class=detection.per_class, need_classes=True,
+                                     describe=on_ray)
     try:
-        segmenter = detection.segmenter(engine)
+        segmenter = detection.segmenter(backend, describe=on_ray)
     except GroundingError as exc:  # a bad --mask-model: one line
         fail(exc)
-    detector = detection.detector(engine, segmenter)
+    detector = detection.detector(backend, segmenter)
     query = make_query(wanted, prompt, points=points, references=reference,
                        detection=detection)
+    runner = None
+    if on_ray:
+        runner = _ray_engine(backend_options, detection, ray_address, workers,
+                             gpus_per_worker, getattr(backend, "concurrency", None))
+        close = getattr(backend, "close", None)  # the driver's own client only described
+        if close is not None:
+            close()
     run = RunDir(out)
     progress = LabelProgress()
     try:
-        summary = run_label(detector, query, images_dir, run, shard=shard_ix,
+        summary = run_label(detector, query, image_set, run, shard=shard_ix,
                             retry_errors=retry_errors, force=force, ontology=mapping,
-                            on_progress=progress.show)
+                            on_progress=progress.show, engine=runner)
     except KeyboardInterrupt:
         progress.stop()
         typer.echo(f"interrupted: everything finished is in {run.predictions}; run the "
@@ -102,6 +134,45 @@ def label(
         typer.echo(f"error: {failing} images of this run failed ({session} in this session); "
                    f"see {run.errors} (--retry-errors tries them again)", err=True)
         raise typer.Exit(1)
+
+
+def _engine(name: str, address: str | None, workers: int | None,
+            gpus_per_worker: float | None) -> bool:
+    """Whether the run goes on Ray; one line for a misused engine option (before
+    anything loads)."""
+    if name not in ("local", "ray"):
+        raise typer.BadParameter(f"expected local or ray, got {name!r}", param_hint="--engine")
+    if name == "local":
+        for given, option in ((address, "--ray-address"), (workers, "--workers"),
+                              (gpus_per_worker, "--gpus-per-worker")):
+            if given is not None:
+                raise typer.BadParameter(f"{option} needs --engine ray", param_hint=option)
+        return False
+    from grounding.runs.ray_engine import require_ray
+
+    try:
+        require_ray()
+    except GroundingError as exc:
+        fail(exc)
+    return True
+
+
+def _ray_engine(backend_options: dict, detection, address: str | None, workers: int | None,
+                gpus_per_worker: float | None, concurrency: int | None):
+    """The RayEngine of these options: each worker builds the detector the options
+    describe; a server's --concurrency is shared by the workers driving it."""
+    from grounding.cli.backend import build_detector
+    from grounding.runs.ray_engine import SERVER_SHARE, RayEngine
+
+    options = dict(backend_options)
+    if concurrency:
+        workers = workers or max(1, math.ceil(concurrency / SERVER_SHARE))
+        options["concurrency"] = max(1, math.ceil(concurrency / workers))
+    build = functools.partial(build_detector, options, detection,
+                              max_new_tokens=detection.max_new_tokens,
+                              json_schema=detection.json_schema)
+    return RayEngine(build, address=address, workers=workers,
+                     gpus_per_worker=gpus_per_worker)
 
 
 class LabelProgress:

@@ -226,16 +226,18 @@ class DetectionOptions:
         if self.mask_model is not None and not self.masks:
             raise typer.BadParameter("--mask-model needs --masks", param_hint="--mask-model")
 
-    def segmenter(self, engine=None):
+    def segmenter(self, engine=None, *, describe: bool = False):
         """The segmenter of --masks (None without it), on ``engine``'s device when it has
         one (a local model's GPU); GroundingError (one line) when the mask model cannot
-        be loaded."""
+        be loaded. ``describe``: checked from its config, not loaded (it runs elsewhere)."""
         if not self.masks:
             return None
         from grounding.backends.segment import DEFAULT_MASK_MODEL, SamSegmenter
 
-        return SamSegmenter(self.mask_model or DEFAULT_MASK_MODEL,
-                            device=getattr(engine, "device", None))
+        model = self.mask_model or DEFAULT_MASK_MODEL
+        if describe:
+            return SamSegmenter.describe(model)
+        return SamSegmenter(model, device=getattr(engine, "device", None))
 
     def detector(self, engine, segmenter=None):
         """The Detector running ``engine`` with these options (and ``segmenter``, from

@@ -18,3 +18,15 @@ class ImageLoadError(GroundingError):
 
 class GeometryError(GroundingError):
     """A size or pixel budget for which no model frame exists."""
+
+
+class StorageError(GroundingError):
+    """A file or folder on local disk or object storage could not be read or listed; the
+    message is one line naming the location and the cause. ``missing`` tells "not there"
+    (an export counts it as a missing image) from every other failure."""
+
+    def __init__(self, location: str, reason: str, *, missing: bool = False) -> None:
+        self.location = location
+        self.reason = reason
+        self.missing = missing
+        super().__init__(f"{location}: {reason}")

@@ -56,9 +56,10 @@ from grounding.formats.dataset import (
 )
 
 
-def export_coco(records: Iterable[dict[str, Any]], images_root: Path, class_names: list[str],
-                out: Path, *, min_score: float | None = None, copy: bool = False,
-                overwrite: bool = False, mask_format: str = "rle") -> ExportStats:
+def export_coco(records: Iterable[dict[str, Any]], images_root: Path | str,
+                class_names: list[str], out: Path, *, min_score: float | None = None,
+                copy: bool = False, overwrite: bool = False,
+                mask_format: str = "rle") -> ExportStats:
     """Write ``out/annotations.json`` and ``out/images/<relative path>``; see the module
     and package docstrings for the rules. ``mask_format``: how a box's mask is written
     as ``segmentation``, ``"rle"`` or ``"polygon"`` (see the module docstring)."""
@@ -66,7 +67,7 @@ def export_coco(records: Iterable[dict[str, Any]], images_root: Path, class_name
         raise ValueError("mask_format must be one of "
                          f"{', '.join(segmentation.MASK_FORMATS)}, got {mask_format!r}")
     names = check_class_names(class_names)
-    images_root, out = Path(images_root), Path(out)
+    out = Path(out)  # images_root: a Path, or a str URI (see iter_items)
     images_dir = out / "images"
     prepare_dir(images_dir, overwrite=overwrite, keep=images_root)
     stats = ExportStats()

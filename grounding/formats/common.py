@@ -10,7 +10,10 @@ reported instead of silently overwriting an image with another's labels.
 
 from __future__ import annotations
 
+import functools
+import io
 import os
+import posixpath
 import shutil
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -19,7 +22,9 @@ from typing import Any
 
 from PIL import Image, ImageOps
 
+from grounding.core.errors import StorageError
 from grounding.core.result import Box, Point, Result, score_at_least
+from grounding.io import storage
 from grounding.io.images import open_header
 
 EXIF_ORIENTATION = 0x0112
@@ -46,8 +51,8 @@ class ExportStats:
     """Records with ``width`` null: coordinates are in the model frame, not the image's."""
     images_missing: int = 0
     images_unusable: int = 0
-    """Unreadable, size differs from the record, outside the images root, or output name
-    already taken by an earlier record."""
+    """Unreadable, size differs from the record, no file named, or output name already
+    taken by an earlier record."""
     upright_copies: int = 0
     """EXIF-rotated sources written as upright files instead of linked."""
     masks: int = 0
@@ -79,13 +84,18 @@ class Item:
 
     record: dict[str, Any]
     relative: str
-    """Path relative to the images root, POSIX style."""
-    source: Path
-    """Absolute: the images root resolved, then the relative path."""
+    """Path relative to the images root, POSIX style; for an image outside it (a URI or
+    an absolute path, as list inputs give) its path without scheme or anchor."""
+    source: Path | str
+    """Absolute: the images root resolved, then the relative path; or the image's URI
+    (a ``str``: object storage)."""
     width: int
     height: int
     orientation: int
     """EXIF orientation of the source file; 1 when absent or meaningless."""
+    data: bytes | None = None
+    """The bytes of a ``source`` on object storage, read once for the size check and
+    written out by :func:`place_image` (a URI cannot be linked)."""
 
 
 def check_class_names(class_names: list[str]) -> list[str]:
@@ -106,37 +116,94 @@ class ExportExists(FileExistsError):
         super().__init__(f"{path} {what}; pass overwrite=True to replace it")
 
 
-def prepare_dir(path: Path, *, overwrite: bool, keep: Path) -> None:
+def images_root_of(images_root: Path | str) -> Path | str:
+    """The images root as exporters keep it: a Path, or a ``str`` when it is a URI
+    (``Path`` would fold its ``//``)."""
+    if isinstance(images_root, str) and storage.local_path(images_root) is None:
+        return images_root.rstrip("/")
+    return Path(storage.local_path(images_root) or images_root)
+
+
+def prepare_dir(path: Path, *, overwrite: bool, keep: Path | str) -> None:
     """Make ``path`` an empty directory; refuse to reuse a non-empty one unless
     ``overwrite`` (:class:`ExportExists`), and never delete a tree that holds ``keep``
-    (the source images)."""
+    (the source images; a URI holds nothing here)."""
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise FileExistsError(f"{path} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
             raise ExportExists(path, "is not empty (a previous export?)")
-        resolved, source = path.resolve(), keep.resolve()
-        if source == resolved or resolved in source.parents:
+        resolved = path.resolve()
+        keep = images_root_of(keep)
+        source = None if isinstance(keep, str) else keep.resolve()
+        if source is not None and (source == resolved or resolved in source.parents):
             raise ValueError(f"refusing to delete {path}: it contains the images root {keep}")
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
 
 
-def _relative(image: str, images_root: Path) -> str | None:
-    """The record's image path relative to the root, or None if it points outside it."""
-    path = PurePosixPath(str(image).replace("\\", "/"))
-    if path.is_absolute():
-        try:
-            path = PurePosixPath(Path(str(path)).resolve().relative_to(images_root.resolve())
-                                 .as_posix())
-        except ValueError:
+def _relative(image: str, images_root: Path | str) -> str | None:
+    """The name the record's image is exported under (see :func:`locate`), or None when
+    the record names no image."""
+    found = locate(image, images_root)
+    return None if found is None else found[0]
+
+
+def locate(image: str, images_root: Path | str) -> tuple[str, Path | str] | None:
+    """The export name (POSIX, relative, never with ``..``) and the source (a resolved
+    Path, or a URI ``str``) of a record's image; None when it names no file.
+
+    An image under the root is named relative to it, as runs over a folder always were;
+    one elsewhere (a URI or an absolute path, as list inputs give) by its path without
+    the scheme or anchor: ``s3://bucket/a/b.jpg`` -> ``bucket/a/b.jpg``, ``/data/x.jpg``
+    -> ``data/x.jpg``."""
+    root = images_root_of(images_root)
+    text = str(image)
+    local = storage.local_path(text)
+    if local is None:  # a URI
+        base = root if isinstance(root, str) else None
+        if base is not None and text.startswith(base + "/"):
+            name = _clean(text[len(base) + 1:])
+        else:
+            name = _clean(text.split("://", 1)[1])
+        return None if name is None else (name, text)
+    if isinstance(root, str):  # a relative entry of a list on object storage
+        if os.path.isabs(local):
+            return _outside(Path(local).resolve())
+        name = _clean(local)
+        return None if name is None else (name, storage.join(root, local))
+    path = PurePosixPath(local.replace("\\", "/"))
+    resolved_root = _resolved(root)
+    if not path.is_absolute() and ".." not in path.parts:
+        if not path.parts or str(path) == ".":
             return None
-    if ".." in path.parts or not path.parts or str(path) == ".":
-        return None
-    return path.as_posix()
+        return path.as_posix(), resolved_root / path
+    absolute = (resolved_root / Path(str(path))).resolve()
+    try:
+        return absolute.relative_to(resolved_root).as_posix(), absolute
+    except ValueError:
+        return _outside(absolute)
 
 
-def _orientation(image: Image.Image, path: Path) -> int:
+@functools.lru_cache(maxsize=16)
+def _resolved(root: Path) -> Path:
+    """The root resolved once per export, not once per record (a million records)."""
+    return root.resolve()
+
+
+def _outside(path: Path) -> tuple[str, Path] | None:
+    name = path.relative_to(path.anchor).as_posix()
+    return (name, path) if name and name != "." else None
+
+
+def _clean(text: str) -> str | None:
+    """A relative POSIX name: no query, no ``.``, no ``..`` (a ``..`` above the top is
+    dropped), or None when nothing is left."""
+    name = posixpath.normpath("/" + text.split("?", 1)[0]).lstrip("/")
+    return name or None
+
+
+def _orientation(image: Image.Image, path: Path | bytes) -> int:
     if image.format == "PNG" and "exif" not in image.info:
         # An eXIf chunk after the pixels: Pillow's getexif() would decode the whole image
         # to reach it, so walk the chunk headers instead.
@@ -148,8 +215,8 @@ def _orientation(image: Image.Image, path: Path) -> int:
     return value if isinstance(value, int) and 2 <= value <= 8 else 1
 
 
-def _png_late_exif(path: Path) -> bytes:
-    with path.open("rb") as f:
+def _png_late_exif(path: Path | bytes) -> bytes:
+    with (io.BytesIO(path) if isinstance(path, bytes) else path.open("rb")) as f:
         f.seek(8)  # signature
         while header := f.read(8):
             if len(header) < 8:
@@ -163,16 +230,16 @@ def _png_late_exif(path: Path) -> bytes:
     return b""
 
 
-def iter_items(records: Iterable[dict[str, Any]], images_root: Path,
+def iter_items(records: Iterable[dict[str, Any]], images_root: Path | str,
                stats: ExportStats) -> Iterator[Item]:
     """The records that can be exported, in order; the rest are counted in ``stats``.
 
     Each image's header is read (not its pixels) to check the displayed size against the
     record: a mismatch means the file changed or the root is wrong, and the boxes would
-    land in the wrong place.
+    land in the wrong place. ``images_root`` is where relative record names resolve (a
+    folder, or a URI for a run over object storage); images elsewhere are named by
+    :func:`locate`. An image on object storage is read whole, once, here.
     """
-    images_root = Path(images_root)
-    resolved_root = images_root.resolve()
     for record in records:
         if record.get("error"):
             stats.records_with_error += 1
@@ -181,18 +248,25 @@ def iter_items(records: Iterable[dict[str, Any]], images_root: Path,
             stats.records_without_size += 1
             continue
         image = record.get("image")
-        relative = _relative(image, images_root) if image else None
-        if relative is None:
-            stats.skip(str(image), "not a path inside the images root")
+        found = locate(image, images_root) if image else None
+        if found is None:
+            stats.skip(str(image), "not a path to an image file")
             continue
-        source = resolved_root / relative
-        if not source.is_file():
+        relative, source = found
+        data = None
+        if isinstance(source, str):
+            try:
+                data = storage.read_bytes(source)
+            except StorageError as exc:
+                stats.skip(relative, str(exc), missing=exc.missing)
+                continue
+        elif not source.is_file():
             stats.skip(relative, f"no such file {source}", missing=True)
             continue
         try:
-            with open_header(source) as im:
+            with open_header(source if data is None else data) as im:
                 w, h = im.size
-                orientation = _orientation(im, source)
+                orientation = _orientation(im, source if data is None else data)
         except (OSError, SyntaxError, ValueError) as exc:
             stats.skip(relative, f"unreadable ({exc})")
             continue
@@ -203,7 +277,7 @@ def iter_items(records: Iterable[dict[str, Any]], images_root: Path,
             stats.skip(relative, f"displayed size {w}x{h} on disk, record says "
                                  f"{width}x{height}")
             continue
-        yield Item(record, relative, source, width, height, orientation)
+        yield Item(record, relative, source, width, height, orientation, data)
 
 
 def _class_id(value: Any, n_classes: int, image: str) -> int | None:
@@ -257,18 +331,21 @@ def taken(path: Path) -> bool:
 
 def place_image(item: Item, dst: Path, *, copy: bool, stats: ExportStats) -> None:
     """Put the image at ``dst``: an upright re-encoded copy when the file carries an EXIF
-    rotation (see the package docstring), else a byte copy or an absolute symlink."""
+    rotation (see the package docstring), else a byte copy or an absolute symlink (an
+    image on object storage is always written out: a URI cannot be linked)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     if item.orientation != 1:
-        write_upright(item.source, dst)
+        write_upright(item.source if item.data is None else item.data, dst)
         stats.upright_copies += 1
+    elif item.data is not None:
+        dst.write_bytes(item.data)
     elif copy:
         shutil.copy2(item.source, dst)
     else:
         os.symlink(item.source, dst)
 
 
-def write_upright(source: Path, dst: Path) -> None:
+def write_upright(source: Path | bytes, dst: Path) -> None:
     """The displayed image, EXIF orientation removed (other EXIF kept), in the source's
     format; JPEG at quality 95, the least loss a re-encode allows at a sane size."""
     with open_header(source) as im:

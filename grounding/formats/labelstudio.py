@@ -14,7 +14,9 @@ URL: ``url_prefix`` + the image's path relative to the images root, percent-enco
 ``/data/local-files/?d=PATH`` with PATH relative to that document root: so the default
 works when the document root is the images root, and with the document root ``/data``
 and the images under ``/data/photos`` the prefix is ``/data/local-files/?d=photos/``.
-Images served over HTTP take that server's address: ``http://host:8081/photos/``.
+Images served over HTTP take that server's address: ``http://host:8081/photos/``. An
+image on object storage keeps its URI (``s3://bucket/a.jpg``), which Label Studio serves
+from a connected cloud storage.
 
 A box with a mask (``--masks``) keeps its rectangle and gets its mask beside it: by
 default (``mask_format="rle"``) a ``brushlabels`` region holding Label Studio's own brush
@@ -67,7 +69,7 @@ def image_url(relative: str, url_prefix: str = LOCAL_FILES_PREFIX) -> str:
     return url_prefix + quote(relative, safe="/")
 
 
-def export_labelstudio(records: Iterable[dict[str, Any]], images_root: Path,
+def export_labelstudio(records: Iterable[dict[str, Any]], images_root: Path | str,
                        class_names: list[str], out: Path, *, min_score: float | None = None,
                        url_prefix: str = LOCAL_FILES_PREFIX,
                        overwrite: bool = False, mask_format: str = "rle") -> ExportStats:
@@ -81,7 +83,7 @@ def export_labelstudio(records: Iterable[dict[str, Any]], images_root: Path,
                          f"{', '.join(segmentation.MASK_FORMATS)}, got {mask_format!r}")
     names = check_class_names(class_names)
     any_mask = False
-    images_root, out = Path(images_root), Path(out)
+    out = Path(out)  # images_root: a Path, or a str URI (see iter_items)
     for existing in (out / "tasks.json", out / "label_config.xml"):
         if not overwrite and os.path.lexists(existing):
             raise ExportExists(existing, "exists (a previous export?)")
@@ -112,7 +114,9 @@ def export_labelstudio(records: Iterable[dict[str, Any]], images_root: Path,
                 result.append(_result(f"{n}-p{i}", "keypointlabels", POINT_TAG, w, h, value,
                                       p.score))
             scores = [r["score"] for r in result if "score" in r]
-            task = {"data": {IMAGE_TAG: image_url(item.relative, url_prefix)},
+            url = item.source if isinstance(item.source, str) else image_url(item.relative,
+                                                                              url_prefix)
+            task = {"data": {IMAGE_TAG: url},
                     "predictions": [{"model_version": item.record.get("model") or "unknown",
                                      "score": sum(scores) / len(scores) if scores else None,
                                      "result": result}]}

@@ -62,8 +62,8 @@ from grounding.io.images import IMAGE_EXTENSIONS, open_header
 TASKS = ("detect", "segment")
 
 
-def export_yolo(records: Iterable[dict[str, Any]], images_root: Path, class_names: list[str],
-                out: Path, *, val_fraction: float = 0.2, seed: int = 0,
+def export_yolo(records: Iterable[dict[str, Any]], images_root: Path | str,
+                class_names: list[str], out: Path, *, val_fraction: float = 0.2, seed: int = 0,
                 min_score: float | None = None, copy: bool = False,
                 overwrite: bool = False, task: str = "detect",
                 contours: str = "largest") -> ExportStats:
@@ -78,7 +78,7 @@ def export_yolo(records: Iterable[dict[str, Any]], images_root: Path, class_name
         raise ValueError(f"contours must be one of {', '.join(segmentation.CONTOURS)}, "
                          f"got {contours!r}")
     names = check_class_names(class_names)
-    images_root, out = Path(images_root), Path(out)
+    out = Path(out)  # images_root: a Path, or a str URI (see iter_items)
     for sub in ("images", "labels"):
         prepare_dir(out / sub, overwrite=overwrite, keep=images_root)
     for sub in ("images", "labels"):

@@ -16,7 +16,7 @@ from grounding.core.dedup import DEFAULT_DEDUP_IOU
 from grounding.core.errors import GroundingError
 from grounding.core.result import Result
 from grounding.core.tiles import Tiling
-from grounding.io.images import ImageSource, describe, load_image
+from grounding.io.images import ImageSource, Named, describe, load_image
 from grounding.parsing import Keys
 from grounding.pipeline.masks import Segmenter
 from grounding.pipeline.parts import Keep, Part, assemble, failed, plan, requests
@@ -29,7 +29,8 @@ __all__ = ["Detector", "Query", "load_ontology"]
 
 def _in_memory(source: object) -> bool:
     """Already decoded: loading it is too quick to be worth a worker thread."""
-    return isinstance(source, Image.Image | np.ndarray)
+    return isinstance(source.source if isinstance(source, Named) else source,
+                      Image.Image | np.ndarray)
 
 
 def load_ontology(path: str | Path) -> dict[str, str]:

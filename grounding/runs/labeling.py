@@ -1,4 +1,5 @@
-"""Label a folder of images into a run directory: streaming, resumable, shardable."""
+"""Label a set of images into a run directory: streaming, resumable, shardable, on this
+machine or on a Ray cluster (the engine)."""
 
 from __future__ import annotations
 
@@ -6,18 +7,21 @@ import hashlib
 import json
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from grounding._version import __version__
 from grounding.backends.options import label_settings
-from grounding.core.errors import GroundingError
 from grounding.io.records import JsonlWriter, read_jsonl
 from grounding.pipeline.detector import Detector, Query
 from grounding.runs.reach import ReachWatch
-from grounding.runs.rundir import RunDir, describe_extensions, find_images, in_shard
+from grounding.runs.rundir import RunDir, in_shard
+from grounding.runs.sources import ImageSet, NoImagesError, open_images
+
+__all__ = ["Engine", "LocalEngine", "NoImagesError", "Progress", "label", "run_config",
+           "summarize"]
 
 
 @dataclass
@@ -36,8 +40,8 @@ class Progress:
         return self.done / elapsed if elapsed > 0 else 0.0
 
 
-def run_config(detector: Detector, query: Query, images_dir: Path, shard: tuple[int, int],
-               ontology: dict[str, str] | None = None) -> dict[str, Any]:
+def run_config(detector: Detector, query: Query, images_dir: str | Path,
+               shard: tuple[int, int], ontology: dict[str, str] | None = None) -> dict[str, Any]:
     """The configuration recorded in run.json; the keys in runs.CONFIG_KEYS must match on
     resume. The backend's settings are those marked ``labels`` in grounding.backends.options
     (in the order run.json has always had: model and dialect first, the rest after
@@ -45,7 +49,7 @@ def run_config(detector: Detector, query: Query, images_dir: Path, shard: tuple[
     backend = detector.backend
     settings = label_settings(backend)
     return {
-        "images_dir": str(images_dir.resolve()),
+        "images_dir": images_dir if isinstance(images_dir, str) else str(images_dir.resolve()),
         "backend": type(backend).__name__,
         "model": settings.pop("model"),
         "dialect": settings.pop("dialect"),
@@ -81,34 +85,45 @@ def _references(query: Query) -> list[str] | None:
             for name, image in zip(query.reference_names, query.references, strict=True)]
 
 
-class NoImagesError(GroundingError):
-    """The images folder holds no image (or does not exist)."""
+class Engine(Protocol):
+    """Where the model runs for a label run: turns (key, location) pairs into records.
+
+    ``records`` yields one record per item (``Result.to_record()``, its ``image`` the
+    key; a failed image is a record with ``error`` set), in any order. The default,
+    :class:`LocalEngine`, runs the detector in this process; ``grounding.runs.ray_engine``
+    spreads the same work over a Ray cluster. The engine is not part of a run's
+    configuration: a run resumes under either."""
+
+    def records(self, detector: Detector, query: Query,
+                items: list[tuple[str, str]]) -> Iterator[dict[str, Any]]: ...
 
 
-def pending_images(images_dir: Path, shard: tuple[int, int], skip: set[str],
-                   exclude: Iterable[str | Path] = ()) -> Iterator[str]:
-    for relative in find_images(images_dir, exclude):
-        if in_shard(relative, *shard) and relative not in skip:
-            yield relative
+class LocalEngine:
+    """The detector in this process, images decoded in its I/O threads."""
 
+    def records(self, detector: Detector, query: Query,
+                items: list[tuple[str, str]]) -> Iterator[dict[str, Any]]:
+        order: deque[str] = deque()
 
-def check_images_dir(images_dir: Path, exclude: Iterable[str | Path] = ()) -> None:
-    """Raise NoImagesError, with one line naming the folder (and what was looked for),
-    when ``images_dir`` is not a folder or holds no image; grounding's own output in it
-    (``exclude``: the run directory; see find_images) does not count."""
-    images_dir = Path(images_dir)
-    if not images_dir.exists():
-        raise NoImagesError(f"{images_dir}: no such folder")
-    if not images_dir.is_dir():
-        raise NoImagesError(f"{images_dir} is not a folder")
-    if next(find_images(images_dir, exclude), None) is None:
-        raise NoImagesError(f"no images in {images_dir}: looked for {describe_extensions()}")
+        def locations() -> Iterator[str]:
+            for key, location in items:
+                order.append(key)
+                yield location
+
+        watch = ReachWatch(detector.backend)
+        results = watch.guard(watch.watching(detector).detect_query(locations(), query))
+        try:
+            for result in results:
+                result.image = order.popleft()
+                yield result.to_record()
+        finally:
+            results.close()
 
 
 def label(
     detector: Detector,
     query: Query,
-    images_dir: Path,
+    images: str | Path | ImageSet,
     run: RunDir,
     *,
     shard: tuple[int, int] = (0, 1),
@@ -116,57 +131,67 @@ def label(
     force: bool = False,
     ontology: dict[str, str] | None = None,
     on_progress: Callable[[Progress], None] | None = None,
+    engine: Engine | None = None,
 ) -> dict[str, Any]:
-    """Label every image of ``images_dir`` (this shard) not yet in the run; return the
+    """Label every image of ``images`` (this shard) not yet in the run; return the
     summary (also written to summary.json). Ctrl-C stops cleanly: every finished image is
     on disk, and running again goes on from there.
 
-    Raises NoImagesError when the folder holds no image (nothing is created),
-    RunConfigError when the run was made with another configuration, and
-    ServerUnreachable when the first requests could not connect to the server at all
-    (grounding.runs.reach: nothing is recorded; run again when the server is up). Failed
-    images are appended to errors.history.jsonl as they come; errors.jsonl is rewritten at
-    the end of the session as the images failing now. ``on_progress`` is first called
-    once the run has started (its configuration accepted, its images counted)."""
-    images_dir = Path(images_dir)
-    check_images_dir(images_dir, [run.path])
-    run.start(run_config(detector, query, images_dir, shard, ontology), force=force)
+    ``images``: a folder, a list file (.txt, .jsonl, .parquet) or either on object
+    storage (grounding.runs.sources). ``engine``: where the model runs (default: here,
+    :class:`LocalEngine`); with another engine ``detector`` may hold a described backend
+    (grounding.backends.base.BackendSpec): it plans and records the run, the engine's
+    workers run the model.
+
+    Raises NoImagesError when there is no image (nothing is created), RunConfigError
+    when the run was made with another configuration, and ServerUnreachable when the
+    first requests could not connect to the server at all (grounding.runs.reach: nothing
+    is recorded; run again when the server is up). Failed images are appended to
+    errors.history.jsonl as they come; errors.jsonl is rewritten at the end of the
+    session as the images failing now. ``on_progress`` is first called once the run has
+    started (its configuration accepted, its images counted)."""
+    image_set = images if isinstance(images, ImageSet) else open_images(images, [run.path])
+    keys = list(image_set.keys())
+    if not keys:
+        raise NoImagesError(f"no images in {image_set.root}")
+    run.start(run_config(detector, query, image_set.root, shard, ontology), force=force)
     done = run.done()
     skip = done if retry_errors else done | run.failed(done)
-    exclude = [run.path]
-    progress = Progress(total=sum(1 for _ in pending_images(images_dir, shard, skip, exclude)))
+    pending = [(key, image_set.location(key)) for key in keys
+               if in_shard(key, *shard) and key not in skip]
+    del keys
+    progress = Progress(total=len(pending))
     if on_progress:
         on_progress(progress)
-    order: deque[str] = deque()
-
-    def paths() -> Iterator[str]:
-        for relative in pending_images(images_dir, shard, skip, exclude):
-            order.append(relative)
-            yield str(images_dir / relative)
-
-    watch = ReachWatch(detector.backend)
-    results = watch.guard(watch.watching(detector).detect_query(paths(), query))
+    records = (engine or LocalEngine()).records(detector, query, pending) if pending \
+        else iter(())
     predictions = JsonlWriter(run.predictions)
     errors = JsonlWriter(run.errors_history)
+    written: set[str] = set()
     interrupted = False
     try:
-        for result in results:
-            relative = order.popleft()
-            result.image = relative
-            if result.error:
-                errors.write({"image": relative, "error": result.error,
+        for record in records:
+            key = record["image"]
+            if key in written:  # an engine that retried a batch it had delivered
+                continue
+            written.add(key)
+            if record.get("error"):
+                errors.write({"image": key, "error": record["error"],
                               "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
                 progress.errors += 1
             else:
-                predictions.write(result.to_record())
-                progress.objects += len(result.boxes) + len(result.points)
+                predictions.write(record)
+                progress.objects += len(record.get("detections") or []) + len(
+                    record.get("points") or [])
             progress.done += 1
             if on_progress:
                 on_progress(progress)
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        results.close()
+        close = getattr(records, "close", None)
+        if close is not None:
+            close()
         predictions.close()
         errors.close()
         run.write_errors()

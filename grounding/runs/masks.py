@@ -19,11 +19,13 @@ from typing import Any
 
 from grounding.core.errors import GroundingError
 from grounding.core.result import Result
+from grounding.io import storage
 from grounding.io.images import load_image
 from grounding.io.records import JsonlWriter
 from grounding.pipeline.masks import Segmenter, with_masks
 from grounding.runs.labeling import summarize
 from grounding.runs.rundir import RunDir
+from grounding.runs.sources import image_base
 
 
 def add_masks(source: RunDir | str | Path, out: RunDir | str | Path, segmenter: Segmenter,
@@ -41,7 +43,7 @@ def add_masks(source: RunDir | str | Path, out: RunDir | str | Path, segmenter: 
                              "into a new run directory")
     if config.get("masks"):
         raise GroundingError(f"{source.path} already has masks ({config['masks']})")
-    images_dir = Path(config["images_dir"])
+    images_dir = image_base(config["images_dir"])  # a list's folder; a URI stays one
     new = dict(config, masks=segmenter.model, source_run=str(source.path.resolve()))
     new.pop("grounding_version", None)
     from grounding._version import __version__
@@ -73,7 +75,7 @@ def add_masks(source: RunDir | str | Path, out: RunDir | str | Path, segmenter: 
     return summary
 
 
-def _pending(source: RunDir, images_dir: Path, done: set[str]) -> Iterator[Result]:
+def _pending(source: RunDir, images_dir: str, done: set[str]) -> Iterator[Result]:
     """Each record of ``source`` not yet in the new run, its image attached (upright, as
     it was labelled); an image that cannot be read is an error record."""
     for record in source.records():
@@ -82,7 +84,7 @@ def _pending(source: RunDir, images_dir: Path, done: set[str]) -> Iterator[Resul
             continue
         result = Result.from_record(record)
         try:
-            image = load_image(images_dir / name)
+            image = load_image(storage.join(images_dir, name))
         except GroundingError as exc:
             result.error = str(exc)
             yield result
