@@ -34,14 +34,11 @@ the workers (one per GPU) or when one client process cannot keep a fast server b
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -53,6 +50,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from grounding.testing.cluster import RayCluster
 from grounding.testing.loopback import LoopbackServer, grounding_handler
 
 MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"  # names the dialect; the loopback server answers
@@ -73,74 +71,6 @@ def red_boxes(root: Path, n: int) -> None:
         Image.fromarray(a).save(path)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _up(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def ray_exe() -> str:
-    exe = Path(sys.executable).with_name("ray")
-    found = str(exe) if exe.exists() else shutil.which("ray")
-    if found is None:
-        raise SystemExit("the ray command is not installed: pip install 'grounding[ray]'")
-    return found
-
-
-class Cluster:
-    """A one-node Ray cluster: ``ray start --head --block`` in its own process group,
-    stopped with every Ray process it started (as tests/ray_cluster.py)."""
-
-    def __init__(self, env: dict[str, str], cpus: int) -> None:
-        self.env = env
-        self.cpus = cpus
-        self.port = _free_port()
-        self.address = f"127.0.0.1:{self.port}"
-        # A short temp dir: Ray's socket paths must fit in 107 bytes.
-        self.temp = tempfile.mkdtemp(prefix="gr-bench-ray-", dir="/tmp")
-        self.startup = 0.0
-
-    def __enter__(self) -> Cluster:
-        self._log = open(Path(self.temp) / "start.log", "wb")  # closed in __exit__
-        t0 = time.perf_counter()
-        self._proc = subprocess.Popen(
-            [ray_exe(), "start", "--head", "--block", f"--port={self.port}",
-             f"--num-cpus={self.cpus}", "--num-gpus=0", "--include-dashboard=false",
-             "--disable-usage-stats", f"--temp-dir={self.temp}",
-             "--node-ip-address=127.0.0.1"],
-            env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-            start_new_session=True)
-        deadline = time.monotonic() + 120
-        while not _up(self.port):
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                self._log.flush()
-                self.__exit__()
-                raise SystemExit("ray start failed: "
-                                 + (Path(self.temp) / "start.log").read_text()[-2000:])
-            time.sleep(0.05)
-        self.startup = time.perf_counter() - t0
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self._proc.pid, signal.SIGTERM)
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self._proc.pid, signal.SIGKILL)
-            self._proc.wait(timeout=30)
-        self._log.close()
-        shutil.rmtree(self.temp, ignore_errors=True)
-
-
 @dataclass
 class Row:
     name: str
@@ -149,6 +79,8 @@ class Row:
     first: float
     last: float
     images: int
+    at_first: int
+    """Records on disk when the first was seen (they come back a batch at a time)."""
 
     @property
     def rate(self) -> float:
@@ -158,6 +90,12 @@ class Row:
     def stream(self) -> float:
         """first to last record: the pipeline once it runs."""
         return self.last - self.first
+
+    @property
+    def per_image(self) -> float:
+        """Seconds per image after the first record was on disk."""
+        rest = self.images - self.at_first
+        return self.stream / rest if rest > 0 else float("nan")
 
 
 def _count(path: Path) -> int:
@@ -181,12 +119,13 @@ def label(name: str, images: Path, run: Path, url: str, latency: float, n: int,
         t0 = time.perf_counter()
         proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=err)
         first = last = None
+        at_first = 0
         while True:
             done = proc.poll() is not None
             count = _count(predictions)
             now = time.perf_counter() - t0
             if count and first is None:
-                first = now
+                first, at_first = now, count
             if count >= n and last is None:
                 last = now
             if done:
@@ -200,7 +139,7 @@ def label(name: str, images: Path, run: Path, url: str, latency: float, n: int,
     summary = json.loads(out)
     if summary["images"] != n or summary.get("errors"):
         raise SystemExit(f"{name}: expected {n} labelled images, got {out[:2000]}")
-    return Row(name, latency, wall, first or wall, last or wall, n)
+    return Row(name, latency, wall, first or wall, last or wall, n, at_first)
 
 
 INIT = """
@@ -254,6 +193,7 @@ def main() -> None:
     print(f"{n} PNGs (120-260 x 100-220), LoopbackServer in this process "
           f"(latency {args.latency:g} s, capacity {max(1024, 4 * c)}), "
           f"--concurrency {c}: ideal {c / args.latency:.0f} images/s")
+    print("load average at start: {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()))
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update({"OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0",
@@ -270,10 +210,10 @@ def main() -> None:
     counter = iter(range(1000))
 
     def go(name: str, server: LoopbackServer, latency: float, extra: list[str],
-           folder: Path = images) -> None:
+           folder: Path = images, run_env: dict[str, str] = env) -> None:
         run = root / f"run{next(counter):02d}"
         count = n if folder == images else max(1, n // 4)
-        rows.append(label(name, folder, run, server.base_url, latency, count, c, env,
+        rows.append(label(name, folder, run, server.base_url, latency, count, c, run_env,
                           extra))
         print(f"  {name}, latency {latency:g}, {count} images: {rows[-1].wall:.1f} s",
               file=sys.stderr)
@@ -285,22 +225,24 @@ def main() -> None:
     for s in servers.values():
         s.__enter__()
     try:
-        # Before the cluster is up: a driver with no --ray-address (and no RAY_ADDRESS)
-        # starts a Ray of its own, which is then all this machine runs.
-        own = ray_init(None, env)
+        # Before the cluster is up: a driver with no --ray-address starts a Ray of its
+        # own. RAY_ADDRESS=local makes sure of it: without, Ray joins the cluster that
+        # `ray start` last started on this machine (/tmp/ray/ray_current_cluster), if any.
+        alone = {**env, "RAY_ADDRESS": "local"}
+        own = ray_init(None, alone)
         go("ray, 2 workers, driver starts Ray", servers[args.latency], args.latency,
-           ["--engine", "ray", "--workers", "2"])
-        with Cluster(env, args.cluster_cpus) as cluster:
-            joined = [ray_init(cluster.address, env) for _ in range(2)]
+           ["--engine", "ray", "--workers", "2"], run_env=alone)
+        with RayCluster(cpus=args.cluster_cpus, env=env) as cluster:
+            joined = [ray_init(cluster.address, cluster.env) for _ in range(2)]
             on = ["--engine", "ray", "--ray-address", cluster.address]
             engines = [("plain label", []), ("ray, 1 worker, joined", [*on, "--workers", "1"]),
                        ("ray, 2 workers, joined", [*on, "--workers", "2"])]
             for latency in latencies:
                 for name, extra in engines:
-                    go(name, servers[latency], latency, extra)
+                    go(name, servers[latency], latency, extra, run_env=cluster.env)
             if not args.no_zero:  # the same at a quarter of the images: cost per image
                 for name, extra in engines:
-                    go(name, servers[0.0], 0.0, extra, small)
+                    go(name, servers[0.0], 0.0, extra, small, run_env=cluster.env)
     finally:
         for s in servers.values():
             s.__exit__(None, None, None)
@@ -321,14 +263,17 @@ def main() -> None:
         base = plain[(r.latency, r.images)]
         body.append([r.name, f"{r.latency:g}", str(r.images), f"{r.wall:.1f}",
                      f"{r.rate:.1f}", f"{c / r.latency:.0f}" if r.latency else "-",
-                     f"{r.first:.1f}", f"{r.stream:.2f}", f"{r.wall - r.last:.1f}",
+                     f"{r.first:.1f}", f"{r.stream:.2f}", f"{1000 * r.per_image:.1f}",
+                     f"{r.wall - r.last:.1f}",
                      f"{r.wall - base.wall:+.1f}" if r is not base else "-",
                      f"{1000 * (r.wall - base.wall) / r.images:+.0f}"
                      if r is not base else "-"])
     table(["engine", "latency s", "images", "wall s", "images/s", "ideal", "1st record s",
-           "1st -> last s", "exit after last s", "vs plain s", "vs plain ms/img"], body)
+           "1st -> last s", "ms/img after 1st", "exit after last s", "vs plain s",
+           "vs plain ms/img"], body)
     print("1st record: process start to the first record on disk (imports, Ray start or "
-          "join, pool start-up, first batch); 1st -> last: the rest of the run; exit after "
+          "join, pool start-up, first batch); 1st -> last: the rest of the run (ms/img: per "
+          "image not yet on disk at the first record); exit after "
           "last: the driver's shutdown (Ray's included); vs plain: the same run's wall "
           "time minus the plain run's at the same latency, in all and per image.\n")
 
@@ -343,6 +288,8 @@ def main() -> None:
             body.append([name, f"{little.wall:.1f}", f"{big.wall:.1f}",
                          f"{1000 * (big.wall - little.wall) / (n - quarter):.0f}"])
         table(["engine", f"wall s, {quarter} images", f"wall s, {n} images", "ms/img"], body)
+        print("Ray's fixed cost varies by seconds from run to run here: a per-image figure "
+              "below that noise comes out erratic, even negative; see ms/img after 1st.\n")
 
     print("### Ray alone, in a fresh process\n")
     table(["", "import ray, ray.data s", "ray.init s", "ray.shutdown s"], [
@@ -351,6 +298,8 @@ def main() -> None:
         ["start a local Ray", *(f"{x:.2f}" for x in own)]])
     print(f"`ray start --head` (once per cluster): {cluster.startup:.1f} s until its port "
           "answers.\n")
+    print("load average at the end: {:.1f} {:.1f} {:.1f} (other work on the machine "
+          "moves every figure here)\n".format(*os.getloadavg()))
     print(f"On {os.cpu_count()} CPU cores and no GPU this measures Ray's overhead, not a "
           "speed-up: Ray's processes, the workers and the server share the cores, and one "
           "plain process already keeps the server's concurrency in flight. Ray pays where "

@@ -8,7 +8,6 @@ AWS_ENDPOINT_URL pointing at the server.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from grounding.testing.cluster import free_port, port_open
+
 
 @dataclass
 class S3Server:
     endpoint: str
     bucket: str
     env: dict[str, str]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -41,7 +36,7 @@ def s3_server() -> S3Server:
         if found is None:
             pytest.skip("moto_server is not installed (pip install 'moto[server]')")
         exe = Path(found)
-    port = _free_port()
+    port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -50,14 +45,10 @@ def s3_server() -> S3Server:
            "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
     try:
         deadline = time.monotonic() + 60
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto_server did not start") from None
-                time.sleep(0.1)
+        while not port_open(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.1)
         client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing",
                               aws_secret_access_key="testing", region_name="us-east-1")
         try:

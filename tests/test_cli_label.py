@@ -23,12 +23,14 @@ EXE = [sys.executable, "-m", "grounding"]
 same program as the ``grounding`` script, which need not be on PATH."""
 
 
-def red_box_images(root: Path, n: int) -> dict[str, list[float]]:
-    """Images with one red rectangle each; returns the true box per relative path."""
+def red_box_images(root: Path, n: int, *, size: tuple[int, int] | None = None,
+                   seed: int = 1) -> dict[str, list[float]]:
+    """Images with one red rectangle each (of random sizes, or all of ``size``); returns
+    the true box per relative path."""
     truth = {}
-    rng = np.random.default_rng(1)
+    rng = np.random.default_rng(seed)
     for i in range(n):
-        w, h = int(rng.integers(120, 300)), int(rng.integers(100, 260))
+        w, h = size or (int(rng.integers(120, 300)), int(rng.integers(100, 260)))
         x1, y1 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
         x2, y2 = x1 + w // 3, y1 + h // 3
         a = np.full((h, w, 3), 200, np.uint8)

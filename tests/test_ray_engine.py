@@ -19,34 +19,16 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from grounding.io.records import read_jsonl
 from grounding.testing.loopback import LoopbackServer, grounding_handler
+from tests.test_cli_label import red_box_images
 
 pytest.importorskip("ray.data")
 
 EXE = [sys.executable, "-m", "grounding"]
 MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
-
-
-def red_boxes(root: Path, n: int, *, size: tuple[int, int] | None = None) -> dict[str, list]:
-    """``n`` images with one red rectangle each, in two subfolders; the true boxes."""
-    truth = {}
-    rng = np.random.default_rng(7)
-    for i in range(n):
-        w, h = size or (int(rng.integers(120, 260)), int(rng.integers(100, 220)))
-        x1, y1 = int(rng.integers(0, w // 2)), int(rng.integers(0, h // 2))
-        x2, y2 = x1 + w // 3, y1 + h // 3
-        a = np.full((h, w, 3), 200, np.uint8)
-        a[y1:y2, x1:x2] = (255, 0, 0)
-        rel = f"part{i % 2}/img{i:03d}.png"
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(a).save(root / rel)
-        truth[rel] = [x1, y1, x2, y2]
-    return truth
 
 
 def run_cli(args: list[str], env: dict[str, str], timeout: float = 300):
@@ -73,7 +55,7 @@ def on_ray(cluster, *extra: str) -> list[str]:
 
 def test_ray_run_equals_plain_run_on_a_server(tmp_path, ray_cluster):
     images = tmp_path / "images"
-    truth = red_boxes(images, 16)
+    truth = red_box_images(images, 16)
     with LoopbackServer(handler=grounding_handler("qwen2.5-vl", label="red box")) as server:
         plain = run_cli(served(server, images, tmp_path / "plain"), ray_cluster.env)
         assert plain.returncode == 0, plain.stderr
@@ -111,8 +93,8 @@ STATIC_DRIVER = textwrap.dedent("""
 
 def test_ray_run_equals_plain_run_with_the_static_backend(tmp_path, ray_cluster):
     images = tmp_path / "images"
-    red_boxes(images, 10)
-    (images / "part0" / "broken.png").write_bytes(b"not a png")
+    red_box_images(images, 10)
+    (images / "set0" / "broken.png").write_bytes(b"not a png")
     env = ray_cluster.env
     for name, address in (("plain", "-"), ("ray", ray_cluster.address)):
         done = subprocess.run([sys.executable, "-c", STATIC_DRIVER, str(images),
@@ -122,9 +104,9 @@ def test_ray_run_equals_plain_run_with_the_static_backend(tmp_path, ray_cluster)
     assert records(tmp_path / "plain") == records(tmp_path / "ray")
     assert len(records(tmp_path / "ray")) == 10
     errors = [list(read_jsonl(tmp_path / n / "errors.jsonl")) for n in ("plain", "ray")]
-    assert [e["image"] for e in errors[1]] == ["part0/broken.png"]
+    assert [e["image"] for e in errors[1]] == ["set0/broken.png"]
     assert [e["error"] for e in errors[0]] == [e["error"] for e in errors[1]]
-    assert str(images / "part0" / "broken.png") in errors[1][0]["error"]
+    assert str(images / "set0" / "broken.png") in errors[1][0]["error"]
 
 
 def test_ray_run_equals_plain_run_on_the_tiny_checkpoint(tmp_path, ray_cluster):
@@ -132,7 +114,7 @@ def test_ray_run_equals_plain_run_on_the_tiny_checkpoint(tmp_path, ray_cluster):
 
     model = str(tiny_checkpoint("qwen2.5-vl"))
     images = tmp_path / "images"
-    red_boxes(images, 6, size=(224, 168))
+    red_box_images(images, 6, size=(224, 168))
     args = ["--classes", "red box", "--model", model, "--max-new-tokens", "8",
             "--batch-size", "2"]
     plain = run_cli(["label", str(images), "--out", str(tmp_path / "plain"), *args],
@@ -171,7 +153,7 @@ def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float =
 
 def test_a_killed_worker_loses_and_duplicates_nothing(tmp_path, ray_cluster):
     images = tmp_path / "images"
-    truth = red_boxes(images, 30)
+    truth = red_box_images(images, 30)
     run = tmp_path / "run"
     with LoopbackServer(handler=grounding_handler("qwen2.5-vl", label="red box"),
                         latency=0.15) as server:
@@ -197,7 +179,7 @@ def test_a_killed_worker_loses_and_duplicates_nothing(tmp_path, ray_cluster):
 
 def test_a_killed_driver_resumes_with_every_image_once(tmp_path, ray_cluster):
     images = tmp_path / "images"
-    truth = red_boxes(images, 24)
+    truth = red_box_images(images, 24)
     run = tmp_path / "run"
     with LoopbackServer(handler=grounding_handler("qwen2.5-vl", label="red box"),
                         latency=0.1) as server:
@@ -220,7 +202,7 @@ def test_a_killed_driver_resumes_with_every_image_once(tmp_path, ray_cluster):
 
 def test_a_plain_run_finishes_on_ray_and_the_other_way_round(tmp_path, ray_cluster):
     images = tmp_path / "images"
-    truth = red_boxes(images, 8)
+    truth = red_box_images(images, 8)
     with LoopbackServer(handler=grounding_handler("qwen2.5-vl", label="red box")) as server:
         plain = run_cli(served(server, images, tmp_path / "run", "--shard", "0/2"),
                         ray_cluster.env)
@@ -248,7 +230,7 @@ def test_images_on_s3_end_to_end(tmp_path, ray_cluster, s3_server):
     import boto3
 
     images = tmp_path / "images"
-    truth = red_boxes(images, 6)
+    truth = red_box_images(images, 6)
     client = boto3.client("s3", endpoint_url=s3_server.endpoint, aws_access_key_id="x",
                           aws_secret_access_key="y", region_name="us-east-1")
     try:
@@ -273,7 +255,7 @@ def test_images_on_s3_end_to_end(tmp_path, ray_cluster, s3_server):
 
 def test_engine_misuse_is_one_line(tmp_path, ray_cluster):
     images = tmp_path / "images"
-    red_boxes(images, 2)
+    red_box_images(images, 2)
     env = ray_cluster.env
     base = ["label", str(images), "--classes", "x", "--out", str(tmp_path / "run"),
             "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1", "--model", MODEL]
@@ -300,7 +282,7 @@ def test_without_ray_the_engine_says_how_to_install_it(monkeypatch):
 
 def test_an_unreachable_server_stops_a_ray_run_recording_nothing(tmp_path, ray_cluster):
     images = tmp_path / "images"
-    red_boxes(images, 6)
+    red_box_images(images, 6)
     run = tmp_path / "run"
     done = run_cli(["label", str(images), "--classes", "x", "--out", str(run), "--backend",
                     "openai", "--base-url", "http://127.0.0.1:9/v1", "--model", MODEL,

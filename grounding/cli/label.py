@@ -50,8 +50,9 @@ def label(
                          "resumes under either.")] = "local",
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="ray: the cluster to join (auto: the one `ray start` runs "
-                              "here; host:6379; ray://host:10001). Default: RAY_ADDRESS, "
-                              "else a new Ray on this machine.")] = None,
+                              "here; host:6379; ray://host:10001). Default, as Ray's own: "
+                              "RAY_ADDRESS, else a cluster `ray start` runs on this "
+                              "machine, else a new Ray here.")] = None,
     workers: Annotated[int | None, typer.Option(
         "--workers", min=1, help="ray: workers in the pool (default: one per GPU with the "
                                  "local backend; with a server, one per 8 of its "

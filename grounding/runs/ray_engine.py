@@ -152,8 +152,10 @@ class RayEngine:
 
     ``build`` makes the detector in each actor (it must pickle: a ``functools.partial``
     of importable functions); the driver's own detector only plans and records the run.
-    ``address``: a running cluster (``auto``, ``ray://host:10001``, ``host:6379``); None
-    starts Ray on this machine (or joins the one RAY_ADDRESS names). ``workers``: actors
+    ``address``: a running cluster (``auto``, ``ray://host:10001``, ``host:6379``) or
+    ``local`` (a new Ray on this machine); None does what ``ray.init()`` does: the
+    cluster RAY_ADDRESS names, else one ``ray start`` runs on this machine, else a new
+    local Ray. ``workers``: actors
     in the pool (default: one per GPU with a local model; one per SERVER_SHARE requests
     of a server's --concurrency). ``gpus_per_worker``: default 1 with a local model on a
     cluster with GPUs, else 0. ``batch_size``: images per actor call (default: the
