@@ -405,3 +405,42 @@ def test_what_counts_as_a_failure_to_connect():
     assert reason(_cannot_connect()) == "connection refused"
     assert reason(RemoteError("cannot connect to http://h:1: host not found (x)")) == (
         "host not found (x)")
+
+
+def test_images_whose_storage_cannot_be_reached_stop_the_run(tmp_path):
+    """The first images all failing to reach their storage (a dead endpoint) stop the run
+    with one line and record nothing, as an unreachable server does; once an image was
+    read, such failures are errors like any other."""
+    from grounding.runs.reach import StorageUnreachable, StorageWatch
+
+    down = "s3://b/{}.jpg: AWS Error NETWORK_CONNECTION during HeadObject operation: curlCode: 7"
+    watch = StorageWatch()
+    assert watch.see({"image": "a", "error": down.format("a")}) == []
+    assert watch.see({"image": "b", "error": down.format("b")}) == []
+    with pytest.raises(StorageUnreachable, match=r"cannot read the images: s3://b/a\.jpg.*"
+                                                 r"the first 3 images"):
+        watch.see({"image": "c", "error": down.format("c")})
+    watch = StorageWatch()
+    assert watch.see({"image": "a", "error": down.format("a")}) == []
+    ok = {"image": "b", "error": None}
+    assert [r["image"] for r in watch.see(ok)] == ["a", "b"]  # storage answered: released
+    assert watch.see({"image": "c", "error": down.format("c")})[0]["image"] == "c"
+    watch = StorageWatch()
+    watch.see({"image": "a", "error": "cannot load image a.jpg: not an image file"})
+    watch.finish()  # another failure: the storage answered
+    lonely = StorageWatch()
+    lonely.see({"image": "a", "error": down.format("a")})
+    with pytest.raises(StorageUnreachable, match="the only image"):
+        lonely.finish()
+
+
+def test_a_run_refused_before_its_first_image_binds_nothing(tmp_path):
+    from grounding.runs.rundir import RunConfigError, RunDir
+
+    run = RunDir(tmp_path / "run")
+    run.start({"classes": ["a"]})
+    run.start({"classes": ["b"]})  # nothing recorded yet: not refused
+    assert run.config()["classes"] == ["b"]
+    run.predictions.write_text('{"image": "x.jpg"}\n')
+    with pytest.raises(RunConfigError, match="classes"):
+        run.start({"classes": ["c"]})

@@ -264,6 +264,8 @@ def test_engine_misuse_is_one_line(tmp_path, ray_cluster):
         (["--ray-address", "auto"], "--ray-address needs --engine ray"),
         (["--engine", "spark"], "expected local or ray"),
         (on_ray(ray_cluster, "--workers", "40"), "the Ray cluster has 4"),
+        (["--engine", "ray", "--ray-address", "127.0.0.1:9"], "cannot reach the Ray cluster"),
+        (["--engine", "ray", "--ray-address", "nowhere"], "expected HOST:PORT"),
     ):
         done = run_cli(base + extra, env)
         assert done.returncode == 2, (extra, done.stderr)
@@ -293,3 +295,20 @@ def test_an_unreachable_server_stops_a_ray_run_recording_nothing(tmp_path, ray_c
     assert not list(read_jsonl(run / "predictions.jsonl"))
     assert not list(read_jsonl(run / "errors.jsonl"))
     assert os.path.exists(run / "run.json")
+
+
+def test_a_refused_run_binds_no_configuration(tmp_path, ray_cluster):
+    """A run stopped before its first image (too many workers) is not a run yet: the
+    next command may ask for other classes without --force."""
+    images = tmp_path / "images"
+    red_box_images(images, 2)
+    base = ["label", str(images), "--out", str(tmp_path / "run"), "--backend", "openai",
+            "--base-url", "http://127.0.0.1:9/v1", "--model", MODEL]
+    refused = run_cli([*base, "--classes", "x", *on_ray(ray_cluster, "--workers", "40")],
+                      ray_cluster.env)
+    assert refused.returncode == 2
+    with LoopbackServer(handler=grounding_handler("qwen2.5-vl", label="red box")) as server:
+        base[base.index("http://127.0.0.1:9/v1")] = server.base_url
+        done = run_cli([*base, "--classes", "red box"], ray_cluster.env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["classes"] == ["red box"]

@@ -46,7 +46,7 @@ def label(
                         "renamed).")] = False,
     engine: Annotated[str, typer.Option(
         "--engine", help="Where the model runs: local (this process) or ray (a pool of "
-                         "workers on a Ray cluster; pip install 'grounding[ray]'). A run "
+                         "workers on a Ray cluster; pip install 'grounding\\[ray]'). A run "
                          "resumes under either.")] = "local",
     ray_address: Annotated[str | None, typer.Option(
         "--ray-address", help="ray: the cluster to join (auto: the one `ray start` runs "

@@ -16,7 +16,7 @@ from grounding._version import __version__
 from grounding.backends.options import label_settings
 from grounding.io.records import JsonlWriter, read_jsonl
 from grounding.pipeline.detector import Detector, Query
-from grounding.runs.reach import ReachWatch
+from grounding.runs.reach import ReachWatch, StorageWatch
 from grounding.runs.rundir import RunDir, in_shard
 from grounding.runs.sources import ImageSet, NoImagesError, open_images
 
@@ -146,7 +146,8 @@ def label(
     Raises NoImagesError when there is no image (nothing is created), RunConfigError
     when the run was made with another configuration, and ServerUnreachable when the
     first requests could not connect to the server at all (grounding.runs.reach: nothing
-    is recorded; run again when the server is up). Failed images are appended to
+    is recorded; run again when the server is up), StorageUnreachable when the first
+    images could not reach their storage at all (the same rule). Failed images are appended to
     errors.history.jsonl as they come; errors.jsonl is rewritten at the end of the
     session as the images failing now. ``on_progress`` is first called once the run has
     started (its configuration accepted, its images counted)."""
@@ -168,9 +169,16 @@ def label(
     predictions = JsonlWriter(run.predictions)
     errors = JsonlWriter(run.errors_history)
     written: set[str] = set()
+    storage = StorageWatch()
     interrupted = False
-    try:
+
+    def decided() -> Iterator[dict[str, Any]]:
         for record in records:
+            yield from storage.see(record)
+        storage.finish()
+
+    try:
+        for record in decided():
             key = record["image"]
             if key in written:  # an engine that retried a batch it had delivered
                 continue

@@ -25,10 +25,13 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
+import socket
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,6 +70,37 @@ def require_ray() -> Any:
     except ImportError:
         raise RayUnavailable(f"--engine ray needs Ray Data: {INSTALL}") from None
     return ray
+
+
+TOKEN_HINT = (" (a cluster with token authentication, Ray's default, needs its token on "
+              "this machine too: RAY_AUTH_TOKEN, or the head's ~/.ray/auth_token copied here)")
+
+
+def check_address(address: str | None) -> None:
+    """RayUnavailable, in seconds, for an address nothing answers at: ``ray.init`` would
+    retry a dead address for many minutes."""
+    if address in (None, "auto", "local"):
+        return
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise RayUnavailable(f"--ray-address {address}: expected HOST:PORT, "
+                             "ray://HOST:PORT, auto or local")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise RayUnavailable(f"cannot reach the Ray cluster at {address}: "
+                             f"{exc.strerror or exc}") from None
+
+
+def use_token() -> None:
+    """Authenticate with the cluster's token when this machine has one and the mode is
+    unset: Ray reads ~/.ray/auth_token for ``auto`` but not for an address given."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or \
+            Path("~/.ray/auth_token").expanduser().is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def decode(row: dict[str, Any]) -> dict[str, Any]:
@@ -217,6 +251,8 @@ class RayEngine:
                  items: list[tuple[str, str]]) -> Iterator[dict[str, Any]]:
         started = not ray.is_initialized()
         if started:
+            check_address(self.address)
+            use_token()
             try:
                 # Workers' own output stays in Ray's logs: a failure reaches the driver
                 # as an exception, told here in one line.
@@ -226,7 +262,7 @@ class RayEngine:
                 where = self.address or "a local Ray"
                 raise RayUnavailable(f"cannot start or join {where}: "
                                      f"{str(exc).splitlines()[0] if str(exc) else exc}"
-                                     ) from None
+                                     f"{TOKEN_HINT if self.address else ''}") from None
         try:
             yield from self._records(ray, detector, query, items)
         finally:

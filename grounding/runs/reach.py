@@ -153,3 +153,53 @@ class ReachWatch:
         if self.failures and not self.reached:
             raise self.error()
         yield from held
+
+
+_STORAGE_DOWN = re.compile(
+    r"NETWORK_CONNECTION|curlCode: (6|7|28)\b|could not resolve host|could not connect to "
+    r"server|connection refused|name or service not known|no route to host", re.IGNORECASE)
+"""What an image read says when its storage (an S3 endpoint, a bucket's host) cannot be
+reached at all, rather than one object being missing or unreadable."""
+
+
+class StorageUnreachable(GroundingError):
+    """The first images of a run all failed to reach their storage: nothing was recorded."""
+
+
+class StorageWatch:
+    """The same rule as :class:`ReachWatch` for the images' storage: when the first
+    FIRST_REQUESTS images of a session all fail because their storage cannot be reached
+    (a dead AWS_ENDPOINT_URL, a worker without the endpoint in its environment), the run
+    stops with one line instead of recording every image as an error. Until that is
+    decided, such failures are held back; any image read (labelled, or failing for
+    another reason) decides that the storage answers, and the held ones pass."""
+
+    def __init__(self, first: int = FIRST_REQUESTS) -> None:
+        self.first = max(1, first)
+        self.held: list[dict] = []
+        self.reached = False
+
+    def see(self, record: dict) -> list[dict]:
+        """The records to write now (in order); raises StorageUnreachable."""
+        error = record.get("error")
+        if not self.reached and error and _STORAGE_DOWN.search(str(error)):
+            self.held.append(record)
+            if len(self.held) >= self.first:
+                raise self.error()
+            return []
+        self.reached = True
+        out, self.held = [*self.held, record], []
+        return out
+
+    def finish(self) -> None:
+        """At the end of the session: a run whose every image failed so stops too."""
+        if self.held and not self.reached:
+            raise self.error()
+
+    def error(self) -> StorageUnreachable:
+        n = len(self.held)
+        first = "the only image" if n == 1 else f"the first {n} images"
+        return StorageUnreachable(
+            f"cannot read the images: {self.held[0]['error']} ({first} could not reach "
+            "their storage; nothing was recorded; check the endpoint and credentials in "
+            "the environment of every process that reads them, Ray workers included)")

@@ -155,6 +155,8 @@ class RunDir:
             old = self.config()
             before = {k: old.get(k, CONFIG_DEFAULTS.get(k)) for k in CONFIG_KEYS}
             changed = [k for k in CONFIG_KEYS if before[k] != config.get(k)]
+            if changed and self.empty():  # refused or stopped before any image: not a run yet
+                changed = []
             if changed and not force:
                 details = "; ".join(f"{k}: {before[k]!r} -> {config.get(k)!r}" for k in changed)
                 older = [k for k in changed if k not in old]
@@ -182,6 +184,12 @@ class RunDir:
         tmp = self.run_json.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         os.replace(tmp, self.run_json)
+
+    def empty(self) -> bool:
+        """Whether no image was recorded yet (no prediction, no error): a run refused or
+        stopped before its first image, whose configuration binds nothing."""
+        return not any(f.exists() and f.stat().st_size > 0
+                       for f in (self.predictions, self.errors_history, self.errors))
 
     def done(self) -> set[str]:
         return {r["image"] for r in read_jsonl(self.predictions) if "image" in r}
