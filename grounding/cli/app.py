@@ -9,8 +9,10 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from grounding._version import __version__
+from grounding.cli import review
 from grounding.cli.ask import ask
 from grounding.cli.common import EXIT_STATUS
+from grounding.cli.corrections import import_corrections_cmd
 from grounding.cli.detect import detect
 from grounding.cli.doctor import doctor
 from grounding.cli.evaluate import evaluate_cmd
@@ -73,3 +75,18 @@ app.command(cls=Command, name="eval")(evaluate_cmd)
 app.command(cls=Command)(merge)
 app.command(cls=Command)(masks)
 app.command(cls=Command)(doctor)
+
+
+class ReviewGroup(_FlagHelp, review.DefaultGroup):
+    pass
+
+
+review_app = typer.Typer(cls=ReviewGroup, no_args_is_help=True, add_completion=False,
+                         help="Send the labels most worth a look to Label Studio (or CVAT) "
+                              "and bring the corrections back: grounding review RUN_DIR "
+                              "--out DIR, then review push, review pull.")
+review_app.command(cls=Command, name="select")(review.select)
+review_app.command(cls=Command)(review.push)
+review_app.command(cls=Command)(review.pull)
+app.add_typer(review_app, name="review")
+app.command(cls=Command, name="import-corrections")(import_corrections_cmd)

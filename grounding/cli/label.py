@@ -33,7 +33,7 @@ def label(
     points: opt.Points = False,
     reference: opt.References = None,
     format: Annotated[str | None, typer.Option(
-        "--format", help="Datasets to export at the end: coco,yolo,labelstudio.")] = None,
+        "--format", help="Datasets to export at the end: coco,yolo,voc,cvat,labelstudio.")] = None,
     val_fraction: Annotated[float, typer.Option(help="YOLO export: validation share.")] = 0.2,
     seed: Annotated[int, typer.Option(help="YOLO export: split seed.")] = 0,
     shard: Annotated[str | None, typer.Option(

@@ -1,4 +1,5 @@
-"""Export labelling records (``predictions.jsonl``) as COCO, YOLO or Label Studio datasets.
+"""Export labelling records (``predictions.jsonl``) as COCO, YOLO, Pascal VOC, CVAT (for
+images 1.1) or Label Studio datasets.
 
 Every exporter streams: records are read one at a time and written straight out, so a
 run of a million images exports in constant memory.
@@ -6,8 +7,8 @@ run of a million images exports in constant memory.
 Shared rules:
 
 - Coordinates in records are in the *displayed* frame (EXIF orientation applied).
-  COCO and YOLO readers differ in whether they apply EXIF (OpenCV's ``imread`` does; a
-  bare ``PIL.Image.open`` and ``torchvision.io.decode_jpeg`` by default do not), so for
+  Dataset readers differ in whether they apply EXIF (OpenCV's ``imread`` does; a bare
+  ``PIL.Image.open`` and ``torchvision.io.decode_jpeg`` by default do not), so for
   a source whose EXIF orientation is not 1 the exporters write an upright copy with the
   tag removed: then every reader sees the frame the boxes are in. Such a copy is
   re-encoded (JPEG at quality 95, other formats in their own format) and counted in
@@ -29,7 +30,10 @@ from __future__ import annotations
 
 from grounding.formats.coco import export_coco
 from grounding.formats.common import ExportExists, ExportStats
+from grounding.formats.cvat import export_cvat, read_cvat
 from grounding.formats.labelstudio import export_labelstudio
+from grounding.formats.voc import export_voc, read_voc
 from grounding.formats.yolo import export_yolo
 
-__all__ = ["ExportExists", "ExportStats", "export_coco", "export_labelstudio", "export_yolo"]
+__all__ = ["ExportExists", "ExportStats", "export_coco", "export_cvat", "export_labelstudio",
+           "export_voc", "export_yolo", "read_cvat", "read_voc"]

@@ -5,7 +5,9 @@ and spliced into the final JSON at the end, so memory does not grow with the num
 images. Category ids are ``class_id + 1`` (COCO reserves 0). Points have no place in
 COCO detection, so each image entry carries an extra field
 ``"points": [{"category_id", "point": [x, y], "score"}]``; pycocotools and supervision
-ignore unknown image fields.
+ignore unknown image fields. An image a person reviewed (a record with ``"reviewed":
+true``, from ``corrections.jsonl``) and each of its annotations carry ``"attributes":
+{"reviewed": true}`` (CVAT's and Datumaro's COCO place for extra fields).
 
 A box with a mask (``--masks``) gets ``segmentation``: its COCO RLE (``{"size",
 "counts"}``, ``counts`` a string) by default, or with ``mask_format="polygon"`` every
@@ -86,6 +88,9 @@ def export_coco(records: Iterable[dict[str, Any]], images_root: Path | str,
                      "height": item.height,
                      "points": [{"category_id": p.class_id + 1, "point": list(p.point),
                                  "score": p.score} for p in kept.points]}
+            reviewed = bool(item.record.get("reviewed"))
+            if reviewed:  # a person's boxes (corrections.jsonl), not the model's
+                entry["attributes"] = {"reviewed": True}
             _append(images_tmp, entry, first=image_id == 1)
             for b, (x, y, w, h) in zip(kept.boxes, kept.xywh.tolist(), strict=True):
                 annotation_id += 1
@@ -96,6 +101,8 @@ def export_coco(records: Iterable[dict[str, Any]], images_root: Path | str,
                     ann.update(_segmentation(b.mask, item, mask_format, stats))
                 if b.score is not None:
                     ann["score"] = b.score
+                if reviewed:
+                    ann["attributes"] = {"reviewed": True}
                 _append(annotations_tmp, ann, first=annotation_id == 1)
         _splice(out / "annotations.json", names, images_tmp, annotations_tmp)
     return stats

@@ -1,4 +1,5 @@
-"""Score labelling records against ground truth: COCO mAP plus precision/recall per class.
+"""Score labelling records against ground truth: COCO mAP plus precision/recall per class,
+and with ``sweep_scores=True`` precision/recall/F1 per score threshold (``formats.sweep``).
 
 mAP comes from pycocotools' COCOeval (bbox, or segm for masks: ``iou_type="segm"``),
 the reference every detector reports against. Precision and recall at IoU 0.5 come
@@ -11,8 +12,10 @@ never labelled, and a record without ground truth cannot be judged; both are cou
 Ground-truth categories are mapped to grounding's classes by name, ignoring case; those
 that match no class are listed and left out, as are classes the ground truth lacks.
 
-The ground truth is read by ``formats.coco.load_coco`` or ``formats.yolo.load_yolo``;
-entries they reject as malformed are counted in ``EvalReport.gt_skipped`` and described,
+The ground truth is read by ``formats.coco.load_coco``, ``formats.yolo.load_yolo``,
+supervision's Pascal VOC reader, or from a run's reviewed corrections (``load_corrections``:
+see :func:`load_ground_truth` for why COCO and YOLO keep grounding's readers); entries they
+reject as malformed are counted in ``EvalReport.gt_skipped`` and described,
 with the file and the annotation or line, in ``EvalReport.gt_warnings``. A ground truth
 left with no image or no box (empty, or every entry malformed) cannot score anything:
 :class:`~grounding.formats.dataset.DatasetError` naming the file. A malformed record
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -36,11 +40,17 @@ from grounding.formats import segmentation
 from grounding.formats.coco import load_coco
 from grounding.formats.dataset import (
     Dataset,
+    DatasetBox,
     DatasetError,
     DatasetImage,
     as_int,
+    as_number,
     relative_path,
+    show,
 )
+from grounding.formats.sweep import Sweep, sweep
+from grounding.formats.sweep import box_ioa as _ioa
+from grounding.formats.sweep import box_iou as _iou
 from grounding.formats.yolo import load_yolo
 from grounding.io.images import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # still importable here
 
@@ -94,6 +104,9 @@ class EvalReport:
     """``"bbox"``: boxes scored by box IoU; ``"segm"``: masks by mask IoU."""
     predictions_without_mask: int = 0
     """``segm``: boxes of matched records that carry no mask, left out."""
+    sweeps: list[Sweep] = field(default_factory=list)
+    """With ``sweep=True``: precision, recall and F1 per threshold of the box score, and of
+    the verify score when a box carries one (``formats.sweep``)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,11 +148,21 @@ class _Image:
     """class index, x1, y1, x2, y2, iscrowd, and for ``segm`` the mask as pycocotools RLE"""
 
 
-def evaluate(records: Iterable[dict[str, Any]], class_names: list[str], gt: Path, *,
-             images_root: Path | None = None, iou_type: str = "bbox") -> EvalReport:
-    """Score ``records`` against ``gt``: a COCO json file, or a YOLO dataset directory
-    (``data.yaml``, ``images/``, ``labels/``). ``images_root`` turns absolute image paths
-    (in records or COCO ``file_name``) into the relative ones matching uses.
+def evaluate(records: Iterable[dict[str, Any]], class_names: list[str], gt: Path | Dataset,
+             *, images_root: Path | None = None, iou_type: str = "bbox",
+             sweep_scores: bool = False,
+             target_precision: float | None = None) -> EvalReport:
+    """Score ``records`` against ``gt``: a COCO json file, a YOLO dataset directory
+    (``data.yaml``, ``images/``, ``labels/``), a Pascal VOC directory (``Annotations/``,
+    ``JPEGImages/``), or a :class:`Dataset` already read (``load_corrections``).
+    ``images_root`` turns absolute image paths (in records or COCO ``file_name``) into the
+    relative ones matching uses.
+
+    ``sweep_scores=True`` adds :attr:`EvalReport.sweeps`: precision, recall and F1 at IoU
+    0.5 for every threshold of the box score and, when boxes carry one, of the verify
+    score (``attributes["verify_score"]``), with the best-F1 threshold and the lowest
+    meeting ``target_precision`` (``formats.sweep``; same images, classes and matching as
+    the precision and recall above).
 
     ``iou_type="segm"`` scores the boxes' masks (``--masks``) against a COCO ground truth's
     ``segmentation`` (polygons or RLE) by mask IoU, with pycocotools' COCOeval ``segm``
@@ -152,12 +175,8 @@ def evaluate(records: Iterable[dict[str, Any]], class_names: list[str], gt: Path
         raise ValueError(f"iou_type must be one of {', '.join(IOU_TYPES)}, got {iou_type!r}")
     segm = iou_type == "segm"
     names = [str(n) for n in class_names]
-    gt = Path(gt)
     root = None if images_root is None else Path(images_root)
-    if segm and gt.is_dir():
-        raise DatasetError(f"{gt}: mask evaluation (segm) needs a COCO json ground truth "
-                           "with segmentation, not a YOLO folder")
-    data = load_yolo(gt) if gt.is_dir() else load_coco(gt, root)
+    data = gt if isinstance(gt, Dataset) else load_ground_truth(Path(gt), root, segm=segm)
     if segm:
         data = _with_segmentation(data)
     check_usable(data)
@@ -173,6 +192,8 @@ def evaluate(records: Iterable[dict[str, Any]], class_names: list[str], gt: Path
 
     find = _Matcher(gt_images)
     preds: dict[int, list[tuple[int, float, float, float, float, float]]] = {}
+    raw: dict[int, list[tuple[float | None, float | None]]] = {}
+    """Beside each of preds[g]: its score and verify score as the record has them."""
     skipped = unmatched = mismatched = without_class = without_mask = 0
     seen_box = seen_mask = False
     examples: list[str] = []
@@ -216,6 +237,7 @@ def evaluate(records: Iterable[dict[str, Any]], class_names: list[str], gt: Path
                 except ValueError as exc:
                     raise InvalidResult(str(exc)) from None
             boxes.append((class_id, *b.bbox, 1.0 if b.score is None else b.score, mask))
+            raw.setdefault(g, []).append((b.score, as_number(b.attributes.get("verify_score"))))
         preds[g] = boxes
     if segm and seen_box and not seen_mask:
         raise ValueError("the records' boxes carry no masks: mask evaluation (segm) needs "
@@ -238,6 +260,8 @@ def evaluate(records: Iterable[dict[str, Any]], class_names: list[str], gt: Path
         r.precision = c_tp / (c_tp + c_fp) if c_tp + c_fp else None
         r.recall = c_tp / r.gt if r.gt else None
         tp, fp, n_gt = tp + c_tp, fp + c_fp, n_gt + r.gt
+    sweeps = (_sweeps(gt_images, preds, raw, matched, set(scored), segm, target_precision)
+              if sweep_scores else [])
     for g in range(len(gt_images)):
         if g not in preds:
             _note(examples, f"no record for ground-truth image {gt_images[g].relative}")
@@ -251,7 +275,174 @@ def evaluate(records: Iterable[dict[str, Any]], class_names: list[str], gt: Path
         gt_classes_not_in_list=sorted({gt_names[g] for g, c in gt_to_class.items() if c is None}),
         classes_not_in_gt=[n for i, n in enumerate(names) if i not in in_gt],
         examples=examples, gt_skipped=data.skipped, gt_warnings=data.warnings,
-        iou_type=iou_type, predictions_without_mask=without_mask)
+        iou_type=iou_type, predictions_without_mask=without_mask, sweeps=sweeps)
+
+
+def _sweeps(gt_images: list[_Image], preds: dict[int, list], raw: dict[int, list],
+            matched: list[int], scored: set[int], segm: bool,
+            target_precision: float | None) -> list[Sweep]:
+    """The box-score sweep, and the verify-score one when any box carries that score."""
+    where = (lambda b: b[6]) if segm else (lambda b: tuple(b[1:5]))
+    iou, ioa = (_mask_iou, _mask_ioa) if segm else (_iou, _ioa)
+    truth = {g: [(b[0], where(b), bool(b[5])) for b in gt_images[g].boxes if b[0] in scored]
+             for g in matched}
+    out = []
+    for k, name in enumerate(("score", "verify_score")):
+        found = {g: [(p[0], where(p), s[k]) for p, s in zip(preds[g], raw.get(g, []), strict=True)
+                     if p[0] in scored] for g in matched}
+        if k and all(s is None for ps in found.values() for _, _, s in ps):
+            continue  # no box was verified: no verify sweep
+        out.append(sweep(((truth[g], found[g]) for g in matched), score=name,
+                         target_precision=target_precision, iou=iou, ioa=ioa))
+    return out
+
+
+# --- Ground truth --------------------------------------------------------------------------
+
+
+def load_ground_truth(gt: Path, images_root: Path | None = None, *,
+                      segm: bool = False) -> Dataset:
+    """``gt`` read by its shape: a folder with ``Annotations/`` is Pascal VOC, any other
+    folder YOLO, a file COCO.
+
+    VOC is read by supervision's ``DetectionDataset.from_pascal_voc``. COCO and YOLO keep
+    grounding's own readers (``load_coco``, ``load_yolo``), because supervision's (0.31)
+    cannot do what evaluation relies on: both raise on the first malformed entry instead of
+    leaving it out with a reason (``EvalReport.gt_skipped`` / ``gt_warnings``);
+    ``from_coco`` drops the dataset's category ids, refuses absolute ``file_name`` paths
+    and images it cannot find, and rasterises every segmentation into full-size masks where
+    ``segm`` wants the RLE; ``from_yolo`` reads one flat folder (not ``images/train/...``,
+    the layout grounding's YOLO export writes) and rasterises polygon rows into masks."""
+    if gt.is_dir():
+        if segm:
+            raise DatasetError(f"{gt}: mask evaluation (segm) needs a COCO json ground "
+                               "truth with segmentation, not a folder")
+        if (gt / "Annotations").is_dir():
+            return load_voc_supervision(gt)
+        return load_yolo(gt)
+    return load_coco(gt, images_root)
+
+
+def load_voc_supervision(root: Path) -> Dataset:
+    """A Pascal VOC folder (``Annotations/*.xml`` beside ``JPEGImages/``) through
+    supervision's ``DetectionDataset.from_pascal_voc``: boxes as it reads them (VOC's
+    1-based ``xmin``/``ymin`` shifted to 0-based pixel edges), class ids in the order names
+    first appear, an image without an xml file as an image with no object. Supervision
+    reads the images, not the xml, so ``JPEGImages/`` must hold them; it decodes each
+    annotated one in full (slow for thousands of large images, fine for an evaluation
+    set). ``difficult`` objects count like any other (supervision does not read the flag).
+    Sizes are the images' as displayed (EXIF applied, read from the header), the frame of
+    the records. An xml or image supervision cannot read makes the folder unusable:
+    :class:`DatasetError` with its reason."""
+    import supervision as sv
+
+    from grounding.io.images import open_header
+
+    images_dir = root / "JPEGImages"
+    if not images_dir.is_dir():
+        raise DatasetError(f"{root}: a Pascal VOC folder needs JPEGImages/ beside "
+                           "Annotations/ (supervision's reader takes the images from there)")
+    try:
+        ds = sv.DetectionDataset.from_pascal_voc(str(images_dir), str(root / "Annotations"))
+    except (ValueError, SyntaxError, OSError, KeyError, TypeError) as exc:
+        raise DatasetError(f"{root}: not a usable Pascal VOC folder: "
+                           f"{type(exc).__name__}: {exc}") from None
+    out = Dataset(str(root), dict(enumerate(str(n) for n in ds.classes)))
+    for path in ds.image_paths:
+        try:
+            with open_header(path) as im:
+                w, h = im.size
+                if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF: turned 90°
+                    w, h = h, w
+        except (OSError, SyntaxError, ValueError) as exc:
+            out.skip(str(path), f"cannot read the image ({exc}); left out")
+            continue
+        image = DatasetImage(Path(path).relative_to(images_dir).as_posix(), w, h)
+        det = ds.annotations[path]
+        ids = det.class_id if det.class_id is not None else [None] * len(det)
+        for (x1, y1, x2, y2), c in zip(det.xyxy.tolist(), ids, strict=True):
+            if c is None:
+                out.skip(f"{path}", "an object without a class name; left out")
+                continue
+            image.boxes.append(DatasetBox(int(c), float(x1), float(y1), float(x2), float(y2)))
+        out.images.append(image)
+    return out
+
+
+def load_corrections(path: Path, class_names: list[str]) -> Dataset:
+    """The reviewed boxes of a run (``RUN_DIR/corrections.jsonl``, written by ``grounding
+    import-corrections``) as ground truth: one JSON object a line, ``{"image": the run's
+    record key, "width", "height", "detections": [{"label", "class_id", "bbox"}], "reviewed":
+    true, ...}``; the last line of an image wins, and an image whose last line says
+    ``"reviewed": false`` is left out. A box's class is its ``class_id`` when that is one of
+    ``class_names``, else its label by name (ignoring case); a label that is no class is
+    kept under a category of its own (reported as a ground-truth class not in the list).
+    Malformed lines and boxes are left out with a reason, as the other readers do. The
+    images' paths are the records' keys (as POSIX, like ``evaluate`` reads records): match
+    the records unchanged, with no ``images_root``."""
+    names = [str(n) for n in class_names]
+    out = Dataset(str(path), dict(enumerate(names)))
+    index = {n.lower(): i for i, n in enumerate(names)}
+    last: dict[str, tuple[int, dict[str, Any]]] = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as exc:
+                out.skip(f"{path}:{number}", f"not JSON: {exc}")
+                continue
+            image = entry.get("image") if isinstance(entry, dict) else None
+            if not isinstance(image, str) or not image:
+                out.skip(f"{path}:{number}", f"no \"image\" key: {show(entry)}")
+                continue
+            last[image] = (number, entry)
+    for image, (number, entry) in last.items():
+        if entry.get("reviewed") is False:
+            continue
+        where = f"{path}:{number}"
+        w, h = as_int(entry.get("width")), as_int(entry.get("height"))
+        dets = entry.get("detections")
+        if w is None or h is None or w <= 0 or h <= 0:
+            out.skip(where, f"width and height must be whole numbers > 0, got "
+                            f"{show(entry.get('width'))} x {show(entry.get('height'))}")
+            continue
+        if not isinstance(dets, list):
+            out.skip(where, f"detections must be a list, got {show(dets)}")
+            continue
+        kept = DatasetImage(relative_path(image, None), w, h)  # as records are read
+        for i, det in enumerate(dets):
+            reason, box = _correction_box(det, names, index, out.names)
+            if box is None:
+                out.skip(f"{where}: detections[{i}]", reason)
+            else:
+                kept.boxes.append(box)
+        out.images.append(kept)
+    return out
+
+
+def _correction_box(det: Any, names: list[str], index: dict[str, int],
+                    categories: dict[int, str]) -> tuple[str, DatasetBox | None]:
+    if not isinstance(det, dict):
+        return f"not an object: {show(det)}", None
+    bbox = det.get("bbox")
+    values = [as_number(v) for v in bbox] if isinstance(bbox, list | tuple) else []
+    if len(values) != 4 or None in values or values[0] > values[2] or values[1] > values[3]:
+        return f"bbox must be 4 numbers x1 <= x2, y1 <= y2, got {show(bbox)}", None
+    class_id = as_int(det.get("class_id"))
+    if class_id is None or not 0 <= class_id < len(names):
+        label = det.get("label")
+        if not isinstance(label, str) or not label:
+            return (f"class_id {show(det.get('class_id'))} is not a class and there is no "
+                    "label"), None
+        class_id = index.get(label.lower())
+        if class_id is None:  # a class the run was not asked for: a category of its own
+            class_id = next((k for k, n in categories.items() if n == label), None)
+            if class_id is None:
+                class_id = max(categories, default=-1) + 1
+                categories[class_id] = label
+    return "", DatasetBox(class_id, *values)
 
 
 def _with_segmentation(data: Dataset) -> Dataset:
@@ -446,25 +637,3 @@ def _mask_ioa(mask: dict[str, Any], region: dict[str, Any]) -> float:
     from pycocotools import mask as mask_utils
 
     return float(np.asarray(mask_utils.iou([mask], [region], [1])).reshape(-1)[0])
-
-
-def _iou(box: tuple[float, ...], others: list[tuple[float, ...]]) -> list[float]:
-    out = []
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    for o in others:
-        inter = _inter(box, o)
-        union = area + (o[2] - o[0]) * (o[3] - o[1]) - inter
-        out.append(inter / union if union > 0 else 0.0)
-    return out
-
-
-def _ioa(box: tuple[float, ...], region: tuple[float, ...]) -> float:
-    area = (box[2] - box[0]) * (box[3] - box[1])
-    return _inter(box, region) / area if area > 0 else 0.0
-
-
-def _inter(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    w = min(a[2], b[2]) - max(a[0], b[0])
-    h = min(a[3], b[3]) - max(a[1], b[1])
-    return max(w, 0.0) * max(h, 0.0)
-

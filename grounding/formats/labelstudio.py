@@ -25,6 +25,13 @@ RLE (``{"format": "rle", "rle": [bytes]}``, not COCO RLE: see
 ``polygonlabels`` region per external contour, points in percent. ``label_config.xml``
 then declares the ``BrushLabels`` or ``PolygonLabels`` tag those regions name.
 
+Each task's data also holds the run's key of its image (``grounding_image``): Label
+Studio keeps data fields it does not show, and ``grounding import-corrections`` maps an
+annotated task back to its image by it. A record a person reviewed (``"reviewed": true``,
+from ``corrections.jsonl``) goes out with its boxes as the task's ``annotations`` (what
+Label Studio holds as human labels, the task counted as labelled) instead of
+``predictions``, and ``grounding_reviewed: true`` in its data.
+
 Images are not copied. Label Studio shows an image the way the browser decodes it, and
 browsers apply EXIF orientation by default (CSS ``image-orientation: from-image``), so
 the displayed frame the records use is the one annotators see; Label Studio users report
@@ -57,6 +64,9 @@ BRUSH_TAG, POLYGON_TAG = "mask", "polygon"
 POINT_WIDTH = 0.5
 """Keypoint size in percent of the image width, as Label Studio stores it."""
 
+
+KEY_FIELD, REVIEWED_FIELD = "grounding_image", "grounding_reviewed"
+"""Task data fields: the run's key of the image, and whether a person reviewed it."""
 
 LOCAL_FILES_PREFIX = "/data/local-files/?d="
 """Label Studio's URL for a file under LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT."""
@@ -116,10 +126,16 @@ def export_labelstudio(records: Iterable[dict[str, Any]], images_root: Path | st
             scores = [r["score"] for r in result if "score" in r]
             url = item.source if isinstance(item.source, str) else image_url(item.relative,
                                                                               url_prefix)
-            task = {"data": {IMAGE_TAG: url},
-                    "predictions": [{"model_version": item.record.get("model") or "unknown",
-                                     "score": sum(scores) / len(scores) if scores else None,
-                                     "result": result}]}
+            task: dict[str, Any] = {"data": {IMAGE_TAG: url,
+                                             KEY_FIELD: item.record.get("image")}}
+            if item.record.get("reviewed"):
+                task["data"][REVIEWED_FIELD] = True
+                task["annotations"] = [{"result": result}]
+            else:
+                task["predictions"] = [{
+                    "model_version": item.record.get("model") or "unknown",
+                    "score": sum(scores) / len(scores) if scores else None,
+                    "result": result}]
             text = json.dumps(task, ensure_ascii=False, allow_nan=False)
             f.write(("\n" if n == 0 else ",\n") + text)
             stats.images += 1
