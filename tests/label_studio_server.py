@@ -45,10 +45,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+REPO_VENV = Path(__file__).resolve().parents[1] / ".ls-venv" / "bin" / "label-studio"
+"""Where the README's Development step installs Label Studio (a venv of its own)."""
+
+
 def _executable() -> str | None:
     found = os.environ.get("GROUNDING_LABEL_STUDIO")
     if found:
         return found
+    if REPO_VENV.exists():
+        return str(REPO_VENV)
     beside = Path(sys.executable).with_name("label-studio")
     return str(beside) if beside.exists() else shutil.which("label-studio")
 
@@ -66,8 +72,8 @@ def label_studio_server(tmp_path_factory) -> LabelStudioServer:
     pytest.importorskip("label_studio_sdk")
     exe = _executable()
     if exe is None:
-        pytest.skip("Label Studio is not installed (pip install label-studio, or set "
-                    "GROUNDING_LABEL_STUDIO to its label-studio executable)")
+        pytest.skip("Label Studio is not installed (README, Development: a .ls-venv of its "
+                    "own; or set GROUNDING_LABEL_STUDIO to its label-studio executable)")
     base = tmp_path_factory.mktemp("label-studio")
     data = base / "data"
     data.mkdir()
