@@ -40,11 +40,9 @@ from grounding.formats import segmentation
 from grounding.formats.common import (
     ExportStats,
     check_class_names,
-    iter_items,
-    place_image,
+    placed_items,
     prepare_dir,
     select,
-    taken,
 )
 from grounding.formats.dataset import (
     Dataset,
@@ -75,12 +73,7 @@ def export_coco(records: Iterable[dict[str, Any]], images_root: Path | str,
     stats = ExportStats()
     image_id = annotation_id = 0
     with _temp(out) as images_tmp, _temp(out) as annotations_tmp:
-        for item in iter_items(records, images_root, stats):
-            dst = images_dir / item.relative
-            if taken(dst):
-                stats.skip(item.relative, "listed twice in the records")
-                continue
-            place_image(item, dst, copy=copy, stats=stats)
+        for item in placed_items(records, images_root, images_dir, copy=copy, stats=stats):
             kept = select(item, len(names), min_score, stats)
             image_id += 1
             stats.images += 1

@@ -360,3 +360,18 @@ def write_upright(source: Path | bytes, dst: Path) -> None:
         if fmt == "JPEG":
             options["quality"] = 95
         upright.save(dst, format=fmt, **options)
+
+
+def placed_items(records: Iterable[dict[str, Any]], images_root: Path | str, images_dir: Path,
+                 *, copy: bool, stats: ExportStats) -> Iterator[Item]:
+    """The exportable items (:func:`iter_items`), each image placed at
+    ``images_dir/<relative path>`` first (:func:`place_image`); a record whose image is
+    already there is skipped as listed twice. For the formats that keep the images'
+    folders (COCO, CVAT); YOLO and VOC flatten names and place their own."""
+    for item in iter_items(records, images_root, stats):
+        dst = images_dir / item.relative
+        if taken(dst):
+            stats.skip(item.relative, "listed twice in the records")
+            continue
+        place_image(item, dst, copy=copy, stats=stats)
+        yield item

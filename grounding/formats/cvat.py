@@ -41,11 +41,9 @@ from typing import IO, Any
 from grounding.formats.common import (
     ExportStats,
     check_class_names,
-    iter_items,
-    place_image,
+    placed_items,
     prepare_dir,
     select,
-    taken,
 )
 from grounding.formats.voc import colour
 
@@ -62,12 +60,7 @@ def export_cvat(records: Iterable[dict[str, Any]], images_root: Path | str,
     stats = ExportStats()
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryFile("w+", encoding="utf-8", dir=out, prefix=".cvat-") as body:
-        for item in iter_items(records, images_root, stats):
-            dst = images_dir / item.relative
-            if taken(dst):
-                stats.skip(item.relative, "listed twice in the records")
-                continue
-            place_image(item, dst, copy=copy, stats=stats)
+        for item in placed_items(records, images_root, images_dir, copy=copy, stats=stats):
             kept = select(item, len(names), min_score, stats)
             image = ET.Element("image", {"id": str(stats.images), "name": item.relative,
                                          "width": str(item.width),
