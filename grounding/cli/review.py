@@ -118,6 +118,8 @@ def select(
             stats = export_cvat(chosen, root, classes, target, overwrite=True)
     except (FileExistsError, ValueError, OSError) as exc:
         fail(f"review of {run_dir} to {target}: {exc}")
+    for stale in ("push.json", "labelstudio-export.json"):  # the old review's project
+        (target / stale).unlink(missing_ok=True)
     write_selection(target, choices, run_dir=run.path, strategy=strategy, budget=budget,
                     seed=seed, fmt=format, considered=len(records))
     counts: dict[str, int] = {}

@@ -92,7 +92,7 @@ def export_labelstudio(records: Iterable[dict[str, Any]], images_root: Path | st
         raise ValueError("mask_format must be one of "
                          f"{', '.join(segmentation.MASK_FORMATS)}, got {mask_format!r}")
     names = check_class_names(class_names)
-    any_mask = False
+    any_mask = any_point = False
     out = Path(out)  # images_root: a Path, or a str URI (see iter_items)
     for existing in (out / "tasks.json", out / "label_config.xml"):
         if not overwrite and os.path.lexists(existing):
@@ -119,6 +119,7 @@ def export_labelstudio(records: Iterable[dict[str, Any]], images_root: Path | st
                                             mask_format, stats)
             keys = zip(kept.points, kept.points_percent.tolist(), strict=True)
             for i, (p, (x, y)) in enumerate(keys):
+                any_point = True
                 value = {"x": x, "y": y, "width": POINT_WIDTH,
                          "keypointlabels": [names[p.class_id]]}
                 result.append(_result(f"{n}-p{i}", "keypointlabels", POINT_TAG, w, h, value,
@@ -142,7 +143,8 @@ def export_labelstudio(records: Iterable[dict[str, Any]], images_root: Path | st
         f.write("\n]\n")
     os.replace(partial, path)
     masks = (BRUSH_TAG if mask_format == "rle" else POLYGON_TAG) if any_mask else None
-    (out / "label_config.xml").write_text(label_config(names, masks=masks), encoding="utf-8")
+    (out / "label_config.xml").write_text(label_config(names, masks=masks, points=any_point),
+                                          encoding="utf-8")
     return stats
 
 
@@ -176,9 +178,11 @@ def _result(rid: str, kind: str, from_name: str, w: int, h: int, value: dict[str
     return r
 
 
-def label_config(names: list[str], *, masks: str | None = None) -> str:
+def label_config(names: list[str], *, masks: str | None = None, points: bool = True) -> str:
     """The labelling interface whose tag names the tasks refer to; ``masks``
-    (``BRUSH_TAG`` or ``POLYGON_TAG``) adds the tag the mask regions use."""
+    (``BRUSH_TAG`` or ``POLYGON_TAG``) adds the tag the mask regions use; ``points``
+    the keypoint tag (only for runs with points: Label Studio's own COCO export of a
+    project with both makes one keypoint category of the classes)."""
     labels = "".join(f'    <Label value="{escape(n, {chr(34): "&quot;"})}"/>\n' for n in names)
     extra = ""
     if masks is not None:
@@ -187,5 +191,6 @@ def label_config(names: list[str], *, masks: str | None = None) -> str:
     return (f'<View>\n  <Image name="{IMAGE_TAG}" value="${IMAGE_TAG}"/>\n'
             f'  <RectangleLabels name="{RECT_TAG}" toName="{IMAGE_TAG}">\n{labels}'
             f'  </RectangleLabels>\n'
-            f'  <KeyPointLabels name="{POINT_TAG}" toName="{IMAGE_TAG}">\n{labels}'
-            f'  </KeyPointLabels>\n{extra}</View>\n')
+            + (f'  <KeyPointLabels name="{POINT_TAG}" toName="{IMAGE_TAG}">\n{labels}'
+               f'  </KeyPointLabels>\n' if points else "")
+            + f'{extra}</View>\n')

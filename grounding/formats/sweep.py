@@ -176,6 +176,15 @@ def shown_points(s: Sweep, shown: int = SHOWN) -> list[SweepPoint]:
     return sorted([*points, *extra], key=lambda p: p.threshold)
 
 
+def floor_text(threshold: float, digits: int = 4) -> str:
+    """A threshold as shown, rounded *down*: ``--min-score`` at the shown value keeps
+    every box the row counted (0.9963911 shows 0.9963, not 0.9964, which would drop it)."""
+    import math
+
+    scale = 10 ** digits
+    return f"{math.floor(threshold * scale + 1e-9) / scale:.{digits}f}".rstrip("0").rstrip(".")
+
+
 def table(s: Sweep):
     """A rich Table of :func:`shown_points`, the best-F1 and target rows marked."""
     from rich.table import Table
@@ -195,7 +204,7 @@ def table(s: Sweep):
         marks = ["best F1"] if p is s.best_f1 else []
         if p is s.target:
             marks.append(f"lowest with P >= {s.target_precision:g}")
-        out.add_row(f"{p.threshold:.4g}", str(p.tp), str(p.fp), str(p.fn), f(p.precision),
+        out.add_row(floor_text(p.threshold), str(p.tp), str(p.fp), str(p.fn), f(p.precision),
                     f(p.recall), f(p.f1), ", ".join(marks),
                     style="bold" if marks else None)
     return out
@@ -223,7 +232,7 @@ def plot(sweeps: Sequence[Sweep], path: str | Path) -> Path:
             if q is not None and q.precision is not None and q.recall is not None:
                 ax.plot([q.recall], [q.precision], marker=marker, markersize=12,
                         color=line.get_color(), linestyle="none",
-                        label=f"{what}: {name} at {q.threshold:.3g}")
+                        label=f"{what}: {name} at {floor_text(q.threshold)}")
     if any(s.target_precision for s in sweeps):
         ax.axhline(next(s.target_precision for s in sweeps if s.target_precision),
                    color="gray", linestyle=":", linewidth=1)

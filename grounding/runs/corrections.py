@@ -203,6 +203,9 @@ def import_corrections(run: RunDir | Path | str, path: Path | str, *,
         raise CorrectionsError(
             f"{path}: label {label!r} ({where}){more} is not a class of {run.path} "
             f"({', '.join(classes or [])}); nothing imported")
+    if not lines and report.not_reviewed and not report.unmatched:
+        raise CorrectionsError(f"{path}: no task in it is annotated yet ({report.not_reviewed} "
+                               "tasks without an annotation); nothing imported")
     if not lines:
         example = f" (e.g. {report.unmatched[0]})" if report.unmatched else ""
         raise CorrectionsError(f"{path}: no reviewed image of it is an image of {run.path}"
