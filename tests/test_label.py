@@ -160,7 +160,10 @@ def test_killed_run_resumes_without_loss_or_duplicates(tmp_path, sig):
     script = tmp_path / "run_label.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(script), str(images), str(out), "0.15"], env=env)
+    # SIGINT as a terminal sends it: a shell's background job inherits it ignored, and
+    # Python then installs no KeyboardInterrupt handler; give the child the default back.
+    proc = subprocess.Popen([sys.executable, str(script), str(images), str(out), "0.15"], env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     predictions = out / "predictions.jsonl"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -609,5 +609,6 @@ def test_runs_made_before_verify_existed_still_resume(tmp_path):
     run.start(config)  # no RunConfigError
     verified_config = run_config(Detector(StaticBackend(), verify=True), Query.make(["object"]),
                                  images, (0, 1))
+    run.predictions.write_text('{"image": "a.jpg"}\n')  # a run with a record binds its config
     with pytest.raises(Exception, match="verify"):
         run.start(verified_config)
