@@ -74,6 +74,29 @@ def test_ray_run_equals_plain_run_on_a_server(tmp_path, ray_cluster):
     assert "engine" not in config and "workers" not in config
 
 
+def test_ray_run_equals_plain_run_with_tiles_verify_min_score_and_masks(tmp_path,
+                                                                        ray_cluster):
+    """Every option of the plain label travels to the workers (the query, the detector's
+    settings, the mask model each worker loads): tiles, verification, a score floor and
+    SAM 2 masks (the tiny checkpoint) give the same records."""
+    from grounding.testing.tiny import tiny_sam2
+
+    images = tmp_path / "images"
+    red_box_images(images, 6)
+    extra = ["--tiles", "2x2", "--verify", "--min-score", "0.1", "--masks", "--mask-model",
+             str(tiny_sam2())]
+    with LoopbackServer(handler=grounding_handler("qwen2.5-vl", label="red box")) as server:
+        plain = run_cli(served(server, images, tmp_path / "plain", *extra), ray_cluster.env)
+        ray = run_cli(served(server, images, tmp_path / "ray", *extra,
+                             *on_ray(ray_cluster, "--workers", "2")), ray_cluster.env)
+    assert plain.returncode == 0 and ray.returncode == 0, (plain.stderr, ray.stderr)
+    a, b = records(tmp_path / "plain"), records(tmp_path / "ray")
+    assert len(b) == 6 and a == b
+    assert all(len(r["requests"]) == 4 for r in b.values())  # four tiles asked
+    assert all("verify_score" in d["attributes"] and d["mask"]
+               for r in b.values() for d in r["detections"])
+
+
 STATIC_DRIVER = textwrap.dedent("""
     import functools, json, sys
     from grounding.pipeline.detector import Detector, Query
