@@ -267,3 +267,20 @@ def test_cli_misuse(run: Path, tmp_path: Path) -> None:
     pytest.importorskip("label_studio_sdk")
     one_line_error(invoke("review", "push", str(run), "--url", "http://127.0.0.1:9",
                           "--api-key-env", "LS_KEY", env=env), "cannot reach Label Studio")
+
+
+def test_trial_findings(run: Path, tmp_path: Path) -> None:
+    """A review never goes into the run directory itself; a rotated Label Studio
+    rectangle is counted; an image not in the run is named by its run key."""
+    one_line_error(invoke("review", str(run), "--out", str(run), "--strategy", "random"),
+                   "that is the run directory")
+    rotated = ls_rect(20, 25, 40, 50, "dog")
+    rotated["value"]["rotation"] = 30
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps([ls_task("/x/a.jpg", [rotated], key="a.jpg"),
+                                ls_task("/data/other.jpg", [], key="other.jpg")]))
+    report = import_corrections(run, path)
+    assert (report.imported, report.rotated) == (1, 1)
+    assert report.unmatched == ["other.jpg"]
+    x1, y1, x2, y2 = read_corrections(run)["a.jpg"]["detections"][0]["bbox"]
+    assert x2 - x1 > 40 and y2 - y1 > 40  # the upright box around the turned one

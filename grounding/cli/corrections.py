@@ -39,6 +39,9 @@ def run_import(run_dir: Path, file: Path, source: str | None) -> None:
     if report.unmatched:
         typer.echo(f"  {len(report.unmatched)} images not in the run, e.g. "
                    f"{report.unmatched[0]}", err=True)
+    if report.rotated:
+        typer.echo(f"  {report.rotated} rotated rectangles taken as the upright box around "
+                   "them", err=True)
     if report.ignored_shapes:
         typer.echo(f"  {report.ignored_shapes} regions that are not boxes ignored", err=True)
     for line in report.skipped:

@@ -91,6 +91,9 @@ def select(
     if not config.get("images_dir"):
         fail(f"{run.run_json} has no images_dir: is {run_dir} a grounding label run?")
     target = out if out is not None else run.path / "review"
+    if target.resolve() == run.path.resolve():
+        fail(f"--out {out}: that is the run directory; give the review a folder of its own "
+             "(default RUN_DIR/review)")
     if out is not None and not overwrite and (target / "review.json").exists():
         fail(f"{target} already holds a review; pass --overwrite to replace it")
     fixes = read_corrections(run)
@@ -126,8 +129,10 @@ def select(
     for c in choices:
         for reason in c.reasons:
             counts[reason] = counts.get(reason, 0) + 1
-    typer.echo(f"review: {target} {len(choices)} of {len(records)} images "
-               f"{json.dumps(counts)}", err=True)
+    reviewed = 0 if include_reviewed else sum(1 for k in records if k in fixes)
+    typer.echo(f"review: {target} {len(choices)} of {len(records) - reviewed} images "
+               f"{json.dumps(counts)}"
+               + (f" ({reviewed} already reviewed left out)" if reviewed else ""), err=True)
     for line in stats.skipped[:20]:
         typer.echo(f"  skipped {line}", err=True)
 

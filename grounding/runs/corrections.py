@@ -69,6 +69,8 @@ class ImportReport:
     skipped: list[str] = field(default_factory=list)
     """``"image: reason"`` for images or boxes left out (size differs, empty box, ...)."""
     ignored_shapes: int = 0
+    rotated: int = 0
+    """Label Studio rectangles drawn rotated, taken as the upright box around them."""
     """Regions that are not rectangles (points, polygons, brushes): not corrections."""
 
 
@@ -170,7 +172,7 @@ def import_corrections(run: RunDir | Path | str, path: Path | str, *,
     for im in images:
         key = im.key if im.key in records else _match(im.name, names)
         if key is None:
-            _listed(report.unmatched, im.name or im.where)
+            _listed(report.unmatched, im.key or im.name or im.where)
             continue
         record = records[key]
         width, height = record.get("width"), record.get("height")
@@ -330,6 +332,7 @@ def _labelstudio(path: Path, report: ImportReport) -> list[_Image]:
             if w is None or h is None or not labels:
                 _listed(report.skipped, f"{where}: region {r.get('id')} has no size or label")
                 continue
+            report.rotated += bool(float(v.get("rotation") or 0) % 360)
             boxes.append((str(labels[0]), _rectangle(v, float(w), float(h))))
         image = data.get(IMAGE_TAG)
         out.append(_Image(where, str(image) if image is not None else None,
