@@ -336,7 +336,7 @@ def load_voc_supervision(root: Path) -> Dataset:
     :class:`DatasetError` with its reason."""
     import supervision as sv
 
-    from grounding.io.images import open_header
+    from grounding.io.images import displayed_size
 
     images_dir = root / "JPEGImages"
     if not images_dir.is_dir():
@@ -350,10 +350,7 @@ def load_voc_supervision(root: Path) -> Dataset:
     out = Dataset(str(root), dict(enumerate(str(n) for n in ds.classes)))
     for path in ds.image_paths:
         try:
-            with open_header(path) as im:
-                w, h = im.size
-                if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF: turned 90°
-                    w, h = h, w
+            w, h = displayed_size(path)
         except (OSError, SyntaxError, ValueError) as exc:
             out.skip(str(path), f"cannot read the image ({exc}); left out")
             continue

@@ -57,7 +57,7 @@ from grounding.formats.dataset import (
     as_int,
     show,
 )
-from grounding.io.images import IMAGE_EXTENSIONS, open_header
+from grounding.io.images import IMAGE_EXTENSIONS, displayed_size
 
 TASKS = ("detect", "segment")
 
@@ -248,10 +248,7 @@ def load_yolo(root: Path) -> Dataset:
         label = (label_dir / relative).with_suffix(".txt")
         claimed.add(label)
         try:
-            with open_header(path) as im:
-                w, h = im.size
-                if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF: turned 90°
-                    w, h = h, w
+            w, h = displayed_size(path)
         except (OSError, SyntaxError, ValueError) as exc:
             out.skip(str(path), f"cannot read the image ({exc}); left out")
             continue

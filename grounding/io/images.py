@@ -85,6 +85,16 @@ def open_header(source: Path | bytes) -> Image.Image:
     raise UnidentifiedImageError(f"cannot identify image file {describe(source)!r}")
 
 
+def displayed_size(path: str | PathLike) -> tuple[int, int]:
+    """(width, height) of an image file as a person sees it (EXIF turn applied), read from
+    its header alone; OSError, SyntaxError or ValueError when it cannot be read."""
+    with open_header(Path(path)) as im:
+        w, h = im.size
+        if im.getexif().get(0x0112) in (5, 6, 7, 8):  # EXIF: turned 90 degrees
+            w, h = h, w
+    return w, h
+
+
 def describe(source: ImageSource) -> str:
     """How an input is named in errors and records."""
     if isinstance(source, Named):
