@@ -299,3 +299,15 @@ def test_without_pyarrow_or_fsspec_a_uri_says_what_to_install(monkeypatch):
                                "pip install 'grounding[ray]'")
     with pytest.raises(NoImagesError, match=r"^s3://bucket/p: reading it needs pyarrow"):
         open_images("s3://bucket/p")
+
+
+def test_a_list_is_read_once_when_opened(tmp_path):
+    """Opening reads the whole list (to fail early on a bad line); the run uses those
+    keys rather than reading (or, on object storage, downloading) it again."""
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    listing = tmp_path / "l.txt"
+    listing.write_text("a.jpg\nb.jpg\na.jpg\n")
+    images = open_images(listing)
+    listing.unlink()
+    assert list(images.keys()) == ["a.jpg", "b.jpg"]
+    assert list(images.keys()) == ["a.jpg", "b.jpg"]

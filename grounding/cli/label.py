@@ -163,11 +163,11 @@ def _ray_engine(backend_options: dict, detection, address: str | None, workers: 
     """The RayEngine of these options: each worker builds the detector the options
     describe; a server's --concurrency is shared by the workers driving it."""
     from grounding.cli.backend import build_detector
-    from grounding.runs.ray_engine import SERVER_SHARE, RayEngine
+    from grounding.runs.ray_engine import RayEngine, server_workers
 
     options = dict(backend_options)
     if concurrency:
-        workers = workers or max(1, math.ceil(concurrency / SERVER_SHARE))
+        workers = workers or server_workers(concurrency)
         options["concurrency"] = max(1, math.ceil(concurrency / workers))
     build = functools.partial(build_detector, options, detection,
                               max_new_tokens=detection.max_new_tokens,

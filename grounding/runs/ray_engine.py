@@ -58,6 +58,12 @@ has one actor per this many of the server's --concurrency."""
 INSTALL = "pip install 'grounding[ray]'"
 
 
+def server_workers(concurrency: int) -> int:
+    """The default pool driving a server of ``concurrency`` requests in flight: one
+    actor per SERVER_SHARE of them."""
+    return max(1, math.ceil(concurrency / SERVER_SHARE))
+
+
 class RayUnavailable(GroundingError):
     """Ray (with Ray Data) is not installed, or the cluster cannot take the pool."""
 
@@ -217,7 +223,7 @@ class RayEngine:
         workers = self.workers
         if workers is None:
             if serves:
-                workers = max(1, math.ceil(concurrency / SERVER_SHARE))
+                workers = server_workers(concurrency)
             elif per_gpu > 0:
                 workers = max(1, int(gpus // per_gpu))
             else:

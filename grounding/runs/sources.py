@@ -23,7 +23,7 @@ import json
 import os
 import posixpath
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from grounding.core.errors import GroundingError, StorageError
@@ -45,8 +45,10 @@ class NoImagesError(GroundingError):
 
 @dataclass(frozen=True)
 class ImageSet:
-    """The images of a run: small and picklable (a distributed engine ships it to its
-    workers), reading the folder or list again on each :meth:`keys`."""
+    """The images of a run, picklable. A local folder is walked again on each
+    :meth:`keys` (lazily: checking it holds an image stops at the first); a list or a
+    bucket folder, which must be read or listed whole, is read once, by
+    :func:`open_images`, and its keys kept (``listed``)."""
 
     root: str
     """What run.json records as ``images_dir``: the local folder or list file (resolved),
@@ -57,10 +59,14 @@ class ImageSet:
     """``folder`` (local), ``bucket`` (a folder on object storage) or ``list``."""
     exclude: tuple[str, ...] = ()
     """Local folders: directories not to look in (the run being written)."""
+    listed: tuple[str, ...] | None = field(default=None, repr=False, compare=False)
+    """The keys, when they were already read (lists and buckets, by open_images)."""
 
     def keys(self) -> Iterator[str]:
         """The record ``image`` of each image, in a stable order: the sorted walk of a
         folder, or the list's order with repeats dropped."""
+        if self.listed is not None:
+            return iter(self.listed)
         if self.kind == "folder":
             return find_images(Path(self.root), self.exclude)
         if self.kind == "bucket":
@@ -113,23 +119,22 @@ def image_base(images_dir: str) -> str:
 def _open_uri(uri: str) -> ImageSet:
     if posixpath.splitext(uri.split("?", 1)[0])[1].lower() in LIST_SUFFIXES:
         return _checked_list(ImageSet(uri, storage.parent(uri), "list"), uri)
-    images = ImageSet(uri, uri, "bucket")
     try:
-        first = next(images.keys(), None)
+        keys = tuple(_bucket_images(uri))
     except StorageError as exc:
         raise NoImagesError(str(exc)) from None
-    if first is None:
+    if not keys:
         raise NoImagesError(f"no images in {uri}: looked for {describe_extensions()}")
-    return images
+    return ImageSet(uri, uri, "bucket", listed=keys)
 
 
 def _checked_list(images: ImageSet, shown: str) -> ImageSet:
-    """The list, read through once now so a missing file or a malformed line fails
-    before the run starts, not halfway through it."""
-    entries = images.keys()
-    if sum(1 for _entry in entries) == 0:
+    """The list, read whole now, so a missing file or a malformed line fails before the
+    run starts, not halfway through it, and its keys kept for the run."""
+    keys = tuple(images.keys())
+    if not keys:
         raise NoImagesError(f"no images in {shown}: looked for {_LIST_FORMATS}")
-    return images
+    return replace(images, listed=keys)
 
 
 def _bucket_images(uri: str) -> Iterator[str]:
