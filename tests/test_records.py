@@ -35,3 +35,16 @@ def test_repair_cuts_a_tail_that_does_not_parse(tmp_path):
         path.write_bytes(data)
         assert repair_jsonl(path) == len(data) - len(head.encode()), tail
         assert path.read_text(encoding="utf-8") == head
+
+
+def test_latest_lines_keeps_each_images_last_line_and_names_the_bad_ones(tmp_path):
+    from grounding.io.records import latest_lines
+
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"image": "a", "n": 1}\n{"image": "b", "n": 2}\nnot json\n\n'
+                    '{"image": "a", "n": 3}\n[1, 2]\n')
+    latest, bad = latest_lines(path)
+    assert [(k, n, e["n"]) for k, (n, e) in latest.items()] == [("b", 2, 2), ("a", 5, 3)]
+    assert [n for n, _ in bad] == [3, 6]
+    assert isinstance(bad[0][1], ValueError) and bad[1][1] == [1, 2]
+    assert latest_lines(tmp_path / "none.jsonl") == ({}, [])

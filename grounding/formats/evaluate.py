@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
@@ -53,6 +52,7 @@ from grounding.formats.sweep import box_ioa as _ioa
 from grounding.formats.sweep import box_iou as _iou
 from grounding.formats.yolo import load_yolo
 from grounding.io.images import IMAGE_EXTENSIONS as IMAGE_EXTENSIONS  # still importable here
+from grounding.io.records import latest_lines
 
 IOU = 0.5
 IOU_TYPES = ("bbox", "segm")
@@ -380,21 +380,10 @@ def load_corrections(path: Path, class_names: list[str]) -> Dataset:
     names = [str(n) for n in class_names]
     out = Dataset(str(path), dict(enumerate(names)))
     index = {n.lower(): i for i, n in enumerate(names)}
-    last: dict[str, tuple[int, dict[str, Any]]] = {}
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as exc:
-                out.skip(f"{path}:{number}", f"not JSON: {exc}")
-                continue
-            image = entry.get("image") if isinstance(entry, dict) else None
-            if not isinstance(image, str) or not image:
-                out.skip(f"{path}:{number}", f"no \"image\" key: {show(entry)}")
-                continue
-            last[image] = (number, entry)
+    last, bad = latest_lines(path)
+    for number, problem in bad:
+        out.skip(f"{path}:{number}", f"not JSON: {problem}" if isinstance(problem, ValueError)
+                 else f"no \"image\" key: {show(problem)}")
     for image, (number, entry) in last.items():
         if entry.get("reviewed") is False:
             continue

@@ -73,6 +73,34 @@ def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
                 yield record
 
 
+def latest_lines(path: Path, key: str = "image"
+                 ) -> tuple[dict[str, tuple[int, dict[str, Any]]], list[tuple[int, Any]]]:
+    """A JSON-lines file whose later lines supersede earlier ones (a run's
+    corrections.jsonl): the last object of each ``key`` value with its line number, in
+    the order of those last lines; and the lines that are no such object, as (line
+    number, the ValueError, or the value read). A missing file has neither."""
+    latest: dict[str, tuple[int, dict[str, Any]]] = {}
+    bad: list[tuple[int, Any]] = []
+    if not Path(path).exists():
+        return latest, bad
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError as exc:
+                bad.append((number, exc))
+                continue
+            name = entry.get(key) if isinstance(entry, dict) else None
+            if not isinstance(name, str) or not name:
+                bad.append((number, entry))
+                continue
+            latest.pop(name, None)
+            latest[name] = (number, entry)
+    return latest, bad
+
+
 class JsonlWriter:
     """Appends one line per record with a single write + flush; fsync now and then."""
 

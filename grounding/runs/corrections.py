@@ -41,7 +41,7 @@ from urllib.parse import unquote
 from grounding.core.errors import GroundingError
 from grounding.formats.common import locate
 from grounding.formats.labelstudio import IMAGE_TAG, KEY_FIELD
-from grounding.io.records import read_jsonl, repair_jsonl
+from grounding.io.records import latest_lines, repair_jsonl
 from grounding.runs.rundir import RunDir
 from grounding.runs.sources import image_base
 
@@ -82,12 +82,8 @@ def read_corrections(run: RunDir | Path | str) -> dict[str, dict[str, Any]]:
     """The effective corrections of a run: image key -> its last corrections line (empty
     when the run has none)."""
     run = run if isinstance(run, RunDir) else RunDir(run)
-    latest: dict[str, dict[str, Any]] = {}
-    for line in read_jsonl(corrections_path(run)):
-        if isinstance(line.get("image"), str):
-            latest.pop(line["image"], None)
-            latest[line["image"]] = line
-    return latest
+    latest, _ = latest_lines(corrections_path(run))
+    return {image: entry for image, (_, entry) in latest.items()}
 
 
 def corrected_record(record: dict[str, Any], correction: dict[str, Any]) -> dict[str, Any]:
